@@ -9,8 +9,8 @@ SANDBOX := scripts/ros_sandbox.sh
 bootstrap:
 	bash scripts/bootstrap.sh
 
-test: bootstrap
-	$(SANDBOX) $(PY) -m pytest -q test
+test:
+	bash scripts/bootstrap.sh && $(SANDBOX) $(PY) -m pytest -q test
 
 demo: bootstrap
 	$(SANDBOX) $(VENV)/bin/xray-ct-reg demo

@@ -1,0 +1,49 @@
+"""Accuracy of the committed model on held-out simulated views.
+
+SCR only, and with intensity refinement on a subset. Prints the tables and writes
+bench/results/accuracy.json.
+
+    .venv/bin/python bench/accuracy.py [--model models/chest_example.pt] [-n 20] [--refine-n 4]
+"""
+import argparse
+import json
+from pathlib import Path
+import sys
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from xray_ct_reg import ct, evaluate  # noqa: E402
+from xray_ct_reg.register import to_jsonable  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'))
+    parser.add_argument('-n', '--n-per-group', type=int, default=20)
+    parser.add_argument('--refine-n', type=int, default=4,
+                        help='views per group with intensity refinement (0: skip)')
+    parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
+    args = parser.parse_args()
+    out = Path(args.out)
+    patient = ct.load_patient('example')
+    results = {}
+    runs = [('scr', args.n_per_group, False), ('scr+refine', args.refine_n, True)]
+    for name, n, refine in runs:
+        if n <= 0:
+            continue
+        report = evaluate.evaluate(args.model, patient, n_per_group=n, intensity_refine=refine,
+                                   out_dir=out / f'accuracy_{name.replace("+", "_")}')
+        print(f'\n== {name}: {n} views per group, seed {report["seed"]}, '
+              f'{report["size"]} px ==')
+        print(evaluate.format_table(report))
+        results[name] = {key: report[key] for key in
+                         ('checkpoint', 'seed', 'size', 'n_per_group', 'intensity_refine',
+                          'groups', 'all')}
+    path = out / 'accuracy.json'
+    path.write_text(json.dumps(to_jsonable(results), indent=1))
+    print(f'\nwritten {path}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,73 @@
+"""Per-stage registration latency (p50/p95 ms) of the committed model.
+
+Inputs at the network size, 256 px and 1024x1024 mono16. Writes bench/results/latency.json.
+
+    .venv/bin/python bench/latency.py [--model models/chest_example.pt] [--repeats 20] [--refine]
+
+The network always runs at its trained resolution; larger inputs add only the resampling.
+"""
+import argparse
+import json
+from pathlib import Path
+import platform
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from xray_ct_reg import ct, geometry, simulate  # noqa: E402
+from xray_ct_reg.evaluate import DEFAULT_SEED, STAGES  # noqa: E402
+from xray_ct_reg.register import Registrar, RegistrationConfig, to_jsonable  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'))
+    parser.add_argument('--repeats', type=int, default=20)
+    parser.add_argument('--refine', action='store_true', help='also time intensity refinement')
+    parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'latency.json'))
+    args = parser.parse_args()
+    patient = ct.load_patient('example')
+    simulator = simulate.Simulator(patient)
+    rng = np.random.default_rng(DEFAULT_SEED + 1)
+    pose, _ = simulate.PoseSampler().sample(rng, simulator.vertices, patient.bone_centroid)
+    view = simulate.xray_appearance(
+        simulator.projector.render(pose, geometry.default_intrinsics(256)), rng)
+    configs = [('scr', RegistrationConfig())]
+    if args.refine:
+        configs.append(('scr+refine', RegistrationConfig(intensity_refine=True)))
+    results = {'device': f'CPU ({platform.processor() or platform.machine()}), '
+                         f'torch threads {torch.get_num_threads()}', 'repeats': args.repeats}
+    for name, config in configs:
+        registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
+        network = registrar.network_size[0]
+        for size in sorted({network, 256, 1024}):
+            image = cv2.resize(view, (size, size), interpolation=cv2.INTER_LINEAR)
+            if size == 1024:
+                image = np.round(image * 65535).astype(np.uint16)  # mono16 detector frame
+            intrinsics = geometry.default_intrinsics(size)
+            registrar.register(image, intrinsics)  # warm-up
+            repeats = args.repeats if name == 'scr' else max(1, args.repeats // 5)
+            runs = [registrar.register(image, intrinsics) for _ in range(repeats)]
+            stages = {}
+            for stage in STAGES:
+                values = [r.timings_ms[stage] for r in runs if stage in r.timings_ms]
+                if values:
+                    p50, p95 = np.percentile(values, [50, 95])
+                    stages[stage] = {'p50': float(p50), 'p95': float(p95)}
+            key = f'{name} {size}px' + (' mono16' if size == 1024 else '')
+            results[key] = {'network_size': network, 'accepted': runs[0].accepted,
+                            'stages_ms': stages}
+            print(f'{key:26} accepted={runs[0].accepted!s:5} ' + '  '.join(
+                f"{s} {v['p50']:.1f}/{v['p95']:.1f}" for s, v in stages.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(to_jsonable(results), indent=1))
+    print(f'written {args.out} (ms, p50/p95)')
+
+
+if __name__ == '__main__':
+    main()

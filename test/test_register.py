@@ -1,0 +1,265 @@
+"""Registration: PnP, covariance and gates on synthetic correspondences, then the Registrar.
+
+The Registrar runs with an oracle network (true scene coordinates) and with the committed model
+(skipped, saying why, when models/chest_example.pt is not there yet).
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xray_ct_reg import geometry
+from xray_ct_reg.register import (
+    Registrar,
+    RegistrationConfig,
+    Result,
+    pose_covariance,
+    quality_gates,
+    refine_lm,
+    reprojection_errors,
+    solve_pnp,
+)
+
+MODEL = Path(__file__).resolve().parent.parent / 'models' / 'chest_example.pt'
+SIZE = 256
+
+
+def _scene(seed, noise_px=0.0, outlier_fraction=0.0, count=3000):
+    """A C-arm view of random CT points; pixels with Gaussian noise and uniform outliers."""
+    rng = np.random.default_rng(seed)
+    intrinsics = geometry.default_intrinsics(SIZE)
+    centre = np.array([5.0, 40.0, -140.0])
+    pose = geometry.carm_pose(centre, lao_deg=20.0, cranial_deg=-8.0, inplane_deg=4.0,
+                              offset_mm=(6.0, -4.0, 15.0))
+    points = centre + rng.normal(size=(count, 3)) * np.array([80.0, 60.0, 120.0])
+    pixels, _ = geometry.project_points(pose, intrinsics.K, points)
+    pixels = pixels + rng.normal(size=pixels.shape) * noise_px
+    outliers = rng.random(count) < outlier_fraction
+    pixels[outliers] = rng.uniform(0, SIZE, size=(int(outliers.sum()), 2))
+    return points, pixels, intrinsics, pose, centre
+
+
+def _register_synthetic(points, pixels, intrinsics, seed=0):
+    config = RegistrationConfig()
+    pose, inliers = solve_pnp(points, pixels, intrinsics.K, config, np.random.default_rng(seed))
+    refined, covariance = refine_lm(points[inliers], pixels[inliers], intrinsics.K, pose)
+    return refined, covariance, inliers
+
+
+def test_pnp_exact_from_perfect_correspondences():
+    points, pixels, intrinsics, truth, _ = _scene(1)
+    pose, _, inliers = _register_synthetic(points, pixels, intrinsics)
+    assert inliers.all()
+    assert geometry.rotation_error_deg(pose, truth) < 1e-3
+    assert geometry.translation_error_mm(pose, truth) < 1e-2
+
+
+def test_pnp_robust_to_noise_and_outliers():
+    """1 px noise (at 256 px, 1.16 mm detector pixels) + 30 % uniform outliers.
+
+    Bound: rotation < 0.1 deg, translation < 2 mm, mTRE over the points < 1 mm (measured:
+    ~0.03 deg, ~0.3 mm).
+    """
+    points, pixels, intrinsics, truth, _ = _scene(2, noise_px=1.0, outlier_fraction=0.3)
+    pose, _, inliers = _register_synthetic(points, pixels, intrinsics)
+    assert 0.6 < inliers.mean() < 0.75
+    assert geometry.rotation_error_deg(pose, truth) < 0.1
+    assert geometry.translation_error_mm(pose, truth) < 2.0
+    assert geometry.mtre(pose, truth, points[:50]) < 1.0
+
+
+def test_pnp_is_deterministic_for_a_seed():
+    points, pixels, intrinsics, _, _ = _scene(3, noise_px=1.0, outlier_fraction=0.5)
+    first = _register_synthetic(points, pixels, intrinsics, seed=7)
+    second = _register_synthetic(points, pixels, intrinsics, seed=7)
+    np.testing.assert_array_equal(first[0], second[0])
+
+
+def test_gates_accept_good_and_reject_pure_noise():
+    config = RegistrationConfig()
+    points, pixels, intrinsics, truth, centre = _scene(4, noise_px=0.5, outlier_fraction=0.2)
+    pose, _, inliers = _register_synthetic(points, pixels, intrinsics)
+    error = float(np.median(reprojection_errors(points[inliers], pixels[inliers],
+                                                intrinsics.K, pose)))
+    assert quality_gates(pose, int(inliers.sum()), inliers.mean(), error, intrinsics, centre,
+                         config) == (True, '')
+    rng = np.random.default_rng(5)
+    noise_pixels = rng.uniform(0, SIZE, size=pixels.shape)
+    solution = solve_pnp(points, noise_pixels, intrinsics.K, config, rng)
+    if solution is not None:
+        pose, inliers = solution
+        error = float(np.median(reprojection_errors(points[inliers], noise_pixels[inliers],
+                                                    intrinsics.K, pose)))
+        accepted, reason = quality_gates(pose, int(inliers.sum()), inliers.mean(), error,
+                                         intrinsics, centre, config)
+        assert not accepted and reason
+
+
+@pytest.mark.parametrize('change, reason', [
+    (geometry.make_pose(np.eye(3), [0, 0, -900.0]), 'behind'),
+    (geometry.make_pose(np.eye(3), [0, 0, 600.0]), 'distance'),
+    (geometry.make_pose(np.eye(3), [300.0, 0, 0]), 'outside the image'),
+])
+def test_gates_reject_implausible_poses(change, reason):
+    _, _, intrinsics, truth, centre = _scene(6)
+    accepted, why = quality_gates(geometry.compose(change, truth), 500, 0.9, 0.5, intrinsics,
+                                  centre)
+    assert not accepted and reason in why
+
+
+def test_gates_reject_a_view_far_from_ap():
+    _, _, intrinsics, _, centre = _scene(6)
+    pose = geometry.carm_pose(centre, lao_deg=170.0)
+    accepted, why = quality_gates(pose, 500, 0.9, 0.5, intrinsics, centre)
+    assert not accepted and 'AP' in why
+
+
+def test_covariance_symmetric_psd_and_grows_with_noise():
+    traces = []
+    for noise in (0.3, 1.0, 3.0):
+        points, pixels, intrinsics, _, _ = _scene(8, noise_px=noise)
+        pose, covariance, _ = _register_synthetic(points, pixels, intrinsics)
+        assert covariance.shape == (6, 6)
+        np.testing.assert_allclose(covariance, covariance.T, atol=1e-15)
+        assert np.linalg.eigvalsh(covariance).min() >= -1e-15
+        traces.append(np.trace(covariance))
+    assert traces[0] < traces[1] < traces[2]
+    # Translation comes first (mm): depth (z) is the least certain direction of a C-arm view.
+    assert covariance[2, 2] > covariance[0, 0] and covariance[2, 2] > covariance[1, 1]
+
+
+def test_covariance_matches_monte_carlo_spread():
+    """The Jacobian covariance predicts the spread of LM poses over noise draws (within 40 %)."""
+    points, pixels, intrinsics, truth, _ = _scene(9, count=300)
+    rng = np.random.default_rng(10)
+    deltas = []
+    for _ in range(60):
+        noisy = pixels + rng.normal(size=pixels.shape)
+        pose, _ = refine_lm(points, noisy, intrinsics.K, truth)
+        rotation = pose[:3, :3] @ truth[:3, :3].T
+        rotvec = geometry.pose_to_rotvec(geometry.make_pose(rotation, np.zeros(3)))[0]
+        deltas.append(np.concatenate([pose[:3, 3] - truth[:3, 3], rotvec]))
+    empirical = np.cov(np.array(deltas).T)
+    predicted = pose_covariance(points, pixels + rng.normal(size=pixels.shape), intrinsics.K,
+                                truth)
+    ratio = np.diag(empirical) / np.diag(predicted)
+    assert np.all((ratio > 0.6) & (ratio < 1.4)), ratio
+
+
+def test_result_to_dict_is_json():
+    import json
+    result = Result(pose=np.eye(4), accepted=False, reason='x', covariance=np.eye(6),
+                    reprojection_error_px=float('nan'), timings_ms={'total': np.float64(1.0)})
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data['pose'][0] == [1.0, 0.0, 0.0, 0.0] and data['reprojection_error_px'] is None
+
+
+# ----------------------------------------------------------------------------- full pipeline
+@pytest.fixture(scope='module')
+def patient():
+    from xray_ct_reg import ct
+    return ct.load_patient('example')
+
+
+@pytest.fixture(scope='module')
+def simulator(patient):
+    from xray_ct_reg import simulate
+    return simulate.Simulator(patient)
+
+
+class OracleNetwork(torch.nn.Module):
+    """Stands in for the SCR network: returns the true scene coordinates of one view."""
+
+    stride = 16
+
+    def __init__(self, sample, bone_centroid):
+        super().__init__()
+        self.register_buffer('bone_centroid', torch.tensor(bone_centroid, dtype=torch.float32))
+        self.sample = sample
+
+    def predict(self, tensor):
+        assert tensor.shape[-2:] == self.sample['hit'].shape
+        log_sigma = torch.from_numpy(np.where(self.sample['hit'], 0.0, 5.0))[None]
+        return {'entry_mm': torch.from_numpy(self.sample['entry'])[None],
+                'exit_mm': torch.from_numpy(self.sample['exit'])[None],
+                'entry_log_sigma': log_sigma, 'exit_log_sigma': log_sigma}
+
+
+def test_registrar_pipeline_with_oracle_network(patient, simulator):
+    """Exact scene coordinates -> exact pose, whatever the input resolution or crop."""
+    from xray_ct_reg import simulate
+    rng = np.random.default_rng(11)
+    truth, _ = simulate.PoseSampler().sample(rng, simulator.vertices, patient.bone_centroid)
+    full = geometry.default_intrinsics(SIZE)
+    crop = full.crop(40, 24, 160, 176)
+    for intrinsics in (full, crop):
+        network_intrinsics = intrinsics.resize(128, 128)
+        oracle = OracleNetwork(simulator.simulate(truth, network_intrinsics),
+                               patient.bone_centroid)
+        registrar = Registrar(oracle, {'image_size': [128, 128]}, patient=patient)
+        image = simulate.xray_appearance(simulator.projector.render(truth, intrinsics), rng,
+                                         polarity='dark_bone')
+        result = registrar.register(image, intrinsics)
+        assert result.accepted, result.reason
+        assert geometry.mtre(result.pose, truth, patient.targets) < 1e-3
+        assert set(result.timings_ms) >= {'preprocess', 'network', 'pnp', 'refine_lm', 'total'}
+
+
+def test_registrar_rejects_invalid_input(patient):
+    oracle = OracleNetwork({'hit': np.zeros((128, 128), bool)}, patient.bone_centroid)
+    registrar = Registrar(oracle, {'image_size': [128, 128]})
+    intrinsics = geometry.default_intrinsics(64)
+    image = np.random.default_rng(0).random((64, 64))
+    for bad, message in [(np.zeros((64, 64, 3)), '2D'), (np.zeros((0, 64)), 'empty'),
+                         (np.full((64, 64), np.nan), 'NaN'), (image[:32], 'intrinsics')]:
+        with pytest.raises(ValueError, match=message):
+            registrar.register(bad, intrinsics)
+    with pytest.raises(ValueError, match='trained for CT'):
+        Registrar(oracle, {'image_size': [128, 128], 'ct_sha256': 'other'}, patient=patient)
+
+
+@pytest.fixture(scope='module')
+def registrar(patient):
+    if not MODEL.is_file():
+        pytest.skip(f'committed model {MODEL} does not exist yet (trained by train.py)')
+    return Registrar.from_checkpoint(MODEL, patient=patient)
+
+
+def test_model_rejects_blank_and_noise_images(registrar):
+    intrinsics = geometry.default_intrinsics(512)
+    rng = np.random.default_rng(12)
+    for image in (np.zeros((512, 512), np.uint16),
+                  rng.integers(0, 65535, (512, 512)).astype(np.uint16)):
+        result = registrar.register(image, intrinsics)
+        assert not result.accepted and result.reason
+
+
+# Measured on models/chest_example.pt: see the report of bench/accuracy.py. The bound is the
+# gross-failure threshold until the committed model's numbers are in.
+END_TO_END_MTRE_MM = 10.0
+POLARITY_SEEDS = {'bright_bone': 1, 'dark_bone': 2}
+
+
+@pytest.mark.parametrize('polarity', ['bright_bone', 'dark_bone'])
+def test_model_registers_fresh_views(registrar, simulator, patient, polarity):
+    from xray_ct_reg import simulate
+    size = registrar.network_size[0] * 2
+    rng = np.random.default_rng([20231001, 99, POLARITY_SEEDS[polarity]])
+    errors = []
+    for _ in range(2):
+        sample, _ = simulator.random_view(rng, size, local_fraction=0.0,
+                                          collimation_fraction=0.0)
+        intrinsics = geometry.Intrinsics(sample['K'], size, size, sample['sdd_mm'])
+        image = simulate.xray_appearance(sample['line_integral'], rng, polarity=polarity)
+        result = registrar.register(image, intrinsics)
+        assert result.accepted, result.reason
+        errors.append(geometry.mtre(result.pose, sample['pose'], patient.targets))
+        if polarity == 'dark_bone':  # a local crop of the same view registers to the same pose
+            x0, y0, side = size // 8, size // 5, size * 5 // 8
+            crop = registrar.register(image[y0:y0 + side, x0:x0 + side],
+                                      intrinsics.crop(x0, y0, side, side))
+            assert crop.accepted, crop.reason
+            errors.append(geometry.mtre(crop.pose, sample['pose'], patient.targets))
+    assert max(errors) < END_TO_END_MTRE_MM, errors
+

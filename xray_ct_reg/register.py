@@ -1,0 +1,536 @@
+"""X-ray -> CT pose: network -> confident pixels -> RANSAC-PnP -> LM refine -> quality gates.
+
+The scene coordinate network predicts, for every pixel at its own resolution, where the pixel's
+ray enters and leaves the bone (CT mm) with an uncertainty. Pixels whose predicted sigma is
+small give 2D-3D correspondences (pixel centre at the network resolution, CT point); RANSAC-PnP
+(OpenCV USAC with MAGSAC++ scoring) finds the pose, Levenberg-Marquardt on the inliers polishes
+it and gives a covariance, and quality gates decide whether the pose may be used. The pose is
+``T_imager_ct`` in mm (see ``geometry``); resizing the image changes the intrinsics, never the
+pose. A bad pose never raises: the Result says ``accepted=False`` and why.
+"""
+from dataclasses import asdict, dataclass, field
+import json
+from pathlib import Path
+import sys
+import time
+
+import cv2
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from xray_ct_reg import drr, geometry, refine
+from xray_ct_reg import model as scr_model
+
+# The paper's RANSAC threshold: 20 px on the 1536^2 Cios Fusion detector (0.194 mm pixels).
+REFERENCE_FOCAL_PX = geometry.CIOS_FUSION_SDD_MM / geometry.CIOS_FUSION_PIXEL_SPACING_MM
+# Confidence threshold (mm) when neither the config nor the checkpoint gives one.
+DEFAULT_MAX_SIGMA_MM = 5.0
+
+
+@dataclass
+class RegistrationConfig:
+    """Every threshold of the registration, with its default.
+
+    Pixel thresholds are given at the reference full-resolution detector (focal length
+    ``reference_focal_px``, i.e. 1536^2 Cios Fusion) and scaled by fx / reference_focal_px for
+    the image at hand, so they mean the same ray angle at any resolution.
+    """
+
+    max_sigma_mm: float | None = None
+    """Use a pixel's entry (exit) point when its sigma (mm) is below this; None: the
+    checkpoint's ``confident_sigma_mm`` (else ``DEFAULT_MAX_SIGMA_MM``)."""
+    max_correspondences: int = 4000
+    """Random subsample (seeded) of the confident correspondences handed to RANSAC."""
+    seed: int = 0
+    """Seed of the subsample and of RANSAC's sampler (registration is deterministic)."""
+    min_correspondences: int = 12
+    """Fewer confident correspondences than this: reject without trying PnP."""
+    ransac_threshold_px: float = 20.0
+    """RANSAC inlier threshold, px at the reference detector (the paper's 20 px at 1536)."""
+    ransac_iterations: int = 1000
+    """Maximum RANSAC iterations (the paper's 1000)."""
+    ransac_confidence: float = 0.999
+    """RANSAC stops early once this confidence of an all-inlier sample is reached."""
+    reference_focal_px: float = REFERENCE_FOCAL_PX
+    """Focal length (px) of the detector the pixel thresholds are written for."""
+    min_inliers: int = 50
+    """Gate: minimum number of RANSAC inliers."""
+    min_inlier_ratio: float = 0.25
+    """Gate: minimum fraction of the correspondences that are inliers."""
+    max_reprojection_error_px: float = 8.0
+    """Gate: maximum median inlier reprojection error, px at the reference detector."""
+    min_source_distance_mm: float = 250.0
+    """Gate: the bone centroid must be at least this far from the X-ray source (mm)."""
+    max_source_distance_mm: float = 1000.0
+    """Gate: ... and at most this far (the detector is ~1020 mm away)."""
+    image_margin: float = 0.25
+    """Gate: the bone centroid must project inside the image grown by this fraction per side."""
+    max_angle_from_ap_deg: float = 120.0
+    """Gate: maximum rotation (deg) of the view away from an AP view of a supine patient."""
+    intensity_refine: bool = False
+    """Polish an accepted pose by intensity (NCC) against a DRR; needs the patient's CT."""
+    refine_time_budget_s: float = 3.0
+    """Time budget of the intensity refinement (s)."""
+
+
+@dataclass
+class Result:
+    """Outcome of one registration (see docs/INTERFACES.md).
+
+    ``pose`` is T_imager_ct (4x4, mm), or None when no estimate was possible.
+    ``reprojection_error_px`` is the median inlier reprojection error in pixels of the input
+    image. ``covariance`` is 6x6 in the order x y z rx ry rz (mm, rad): translation of the pose,
+    then a small rotation about the imager axes applied on the left. It comes from the
+    correspondence residuals and treats pixels as independent, so it is optimistic; use it for
+    relative confidence, not as a calibrated error bound.
+    """
+
+    pose: np.ndarray | None
+    accepted: bool
+    reason: str = ''
+    inlier_count: int = 0
+    inlier_ratio: float = 0.0
+    reprojection_error_px: float = float('nan')
+    covariance: np.ndarray | None = None
+    timings_ms: dict = field(default_factory=dict)
+    num_candidates: int = 0
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        """JSON-able dict (arrays as nested lists, NaN as None)."""
+        data = asdict(self)
+        for key in ('pose', 'covariance'):
+            data[key] = None if data[key] is None else np.asarray(data[key]).tolist()
+        return to_jsonable(data)
+
+
+def to_jsonable(value):
+    """Recursively turn numpy scalars/arrays into plain Python values; NaN/inf -> None."""
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def scaled_px(reference_px, K, config):
+    """A pixel threshold written at the reference detector, in pixels of the camera ``K``."""
+    return float(reference_px) * float(np.asarray(K)[0, 0]) / config.reference_focal_px
+
+
+# ----------------------------------------------------------------------------- PnP
+def solve_pnp(points_ct, pixels, K, config=None, rng=None):
+    """Robust pose from 2D-3D correspondences: OpenCV USAC (MAGSAC++ score, local optimisation).
+
+    ``points_ct`` (N, 3) mm, ``pixels`` (N, 2) at the resolution of ``K``. The inlier threshold is
+    ``config.ransac_threshold_px`` scaled to ``K``. Returns (pose T_imager_ct, inlier mask (N,)
+    bool) or None when OpenCV finds no pose. ``rng`` (numpy Generator) seeds the sampler.
+    """
+    config = config or RegistrationConfig()
+    rng = rng if rng is not None else np.random.default_rng(config.seed)
+    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
+    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
+    if len(points_ct) < 6 or len(points_ct) != len(pixels):
+        return None
+    params = cv2.UsacParams()
+    params.threshold = scaled_px(config.ransac_threshold_px, K, config)
+    params.maxIterations = int(config.ransac_iterations)
+    params.confidence = float(config.ransac_confidence)
+    params.sampler = cv2.SAMPLING_UNIFORM
+    params.score = cv2.SCORE_METHOD_MAGSAC
+    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
+    params.randomGeneratorState = int(rng.integers(1, 2**31 - 1))
+    try:
+        ok, _, rvec, tvec, inliers = cv2.solvePnPRansac(
+            points_ct, pixels, np.asarray(K, dtype=np.float64).copy(), None, params=params)
+    except cv2.error:
+        return None
+    if not ok or inliers is None or len(inliers) == 0:
+        return None
+    pose = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
+    if not geometry.is_rigid(pose, tolerance=1e-5):
+        return None
+    mask = np.zeros(len(points_ct), dtype=bool)
+    mask[np.asarray(inliers).ravel()] = True
+    return pose, mask
+
+
+def reprojection_errors(points_ct, pixels, K, pose):
+    """Per-correspondence reprojection error (px at the resolution of ``K``); inf behind source."""
+    projected, depth = geometry.project_points(pose, K, points_ct)
+    errors = np.linalg.norm(projected - np.asarray(pixels, dtype=float).reshape(-1, 2), axis=1)
+    return np.where(depth > 0, errors, np.inf)
+
+
+def _projection_jacobian(points_ct, K, pose):
+    """(2N, 6) Jacobian of the projected pixels w.r.t. (dt, drot), pose = [exp(drot) R, t + dt]."""
+    rotated = points_ct @ pose[:3, :3].T
+    camera = rotated + pose[:3, 3]
+    x, y, z = camera.T
+    fx, fy = K[0, 0], K[1, 1]
+    zeros = np.zeros_like(z)
+    # d(u, v) / d(camera point)
+    d_uv = np.stack([np.stack([fx / z, zeros, -fx * x / z**2], axis=1),
+                     np.stack([zeros, fy / z, -fy * y / z**2], axis=1)], axis=1)  # (N, 2, 3)
+    # d(camera point) / d(drot) = -[rotated]_x
+    skew = np.zeros((len(points_ct), 3, 3))
+    skew[:, 0, 1], skew[:, 0, 2] = -rotated[:, 2], rotated[:, 1]
+    skew[:, 1, 0], skew[:, 1, 2] = rotated[:, 2], -rotated[:, 0]
+    skew[:, 2, 0], skew[:, 2, 1] = -rotated[:, 1], rotated[:, 0]
+    jacobian = np.concatenate([d_uv, d_uv @ -skew], axis=2)  # (N, 2, 6)
+    return jacobian.reshape(-1, 6)
+
+
+def pose_covariance(points_ct, pixels, K, pose):
+    """6x6 pose covariance (x y z rx ry rz; mm, rad) = s^2 (J^T J)^-1 from the residuals.
+
+    s^2 = sum of squared pixel residuals / (2N - 6). Symmetric positive semi-definite (small
+    negative eigenvalues from round-off are clipped).
+    """
+    points_ct = np.asarray(points_ct, dtype=float).reshape(-1, 3)
+    pixels = np.asarray(pixels, dtype=float).reshape(-1, 2)
+    projected, _ = geometry.project_points(pose, K, points_ct)
+    residuals = (projected - pixels).ravel()
+    dof = max(residuals.size - 6, 1)
+    variance = float(residuals @ residuals) / dof
+    jacobian = _projection_jacobian(points_ct, np.asarray(K, dtype=float), pose)
+    covariance = variance * np.linalg.pinv(jacobian.T @ jacobian)
+    covariance = 0.5 * (covariance + covariance.T)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
+
+
+def refine_lm(points_ct, pixels, K, pose):
+    """Levenberg-Marquardt refinement (cv2.solvePnPRefineLM) of ``pose`` on the given points.
+
+    Returns (refined pose, 6x6 covariance in ROS order, see ``pose_covariance``).
+    """
+    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
+    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
+    K = np.asarray(K, dtype=np.float64)
+    rvec, tvec = geometry.pose_to_rotvec(pose)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-10)
+    rvec, tvec = cv2.solvePnPRefineLM(points_ct, pixels, K, None, rvec.reshape(3, 1).copy(),
+                                      tvec.reshape(3, 1).copy(), criteria)
+    refined = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
+    return refined, pose_covariance(points_ct, pixels, K, refined)
+
+
+# ----------------------------------------------------------------------------- gates
+def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intrinsics,
+                  bone_centroid, config=None):
+    """Decide whether a pose may be used. Returns (accepted, reason; '' when accepted).
+
+    ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
+    Checks, in order: a rigid finite pose, inlier count, inlier ratio, reprojection error,
+    bone centroid in front of the source within the distance range, projecting inside the
+    image (with margin), and the view angle away from AP.
+    """
+    config = config or RegistrationConfig()
+    if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
+        return False, 'no valid pose'
+    if inlier_count < config.min_inliers:
+        return False, f'too few inliers: {inlier_count} < {config.min_inliers}'
+    if not inlier_ratio >= config.min_inlier_ratio:
+        return False, f'inlier ratio {inlier_ratio:.2f} < {config.min_inlier_ratio:.2f}'
+    max_error = scaled_px(config.max_reprojection_error_px, intrinsics.K, config)
+    if not reprojection_error_px <= max_error:
+        return False, (f'reprojection error {reprojection_error_px:.2f} px > {max_error:.2f} px')
+    centroid = np.asarray(bone_centroid, dtype=float).reshape(1, 3)
+    (u, v), = geometry.project_points(pose, intrinsics.K, centroid)[0]
+    centroid_imager = geometry.transform_points(pose, centroid)[0]
+    distance = float(np.linalg.norm(centroid_imager))
+    if centroid_imager[2] <= 0:
+        return False, 'bone centroid behind the X-ray source'
+    if not config.min_source_distance_mm <= distance <= config.max_source_distance_mm:
+        return False, (f'source-to-bone distance {distance:.0f} mm outside '
+                       f'[{config.min_source_distance_mm:.0f}, '
+                       f'{config.max_source_distance_mm:.0f}] mm')
+    margin_u = config.image_margin * intrinsics.width
+    margin_v = config.image_margin * intrinsics.height
+    if not (-margin_u - 0.5 <= u <= intrinsics.width - 0.5 + margin_u
+            and -margin_v - 0.5 <= v <= intrinsics.height - 0.5 + margin_v):
+        return False, f'bone centroid projects outside the image at ({u:.0f}, {v:.0f}) px'
+    angle = np.degrees(Rotation.from_matrix(
+        pose[:3, :3] @ geometry.R_IMAGER_CT_AP.T).magnitude())
+    if angle > config.max_angle_from_ap_deg:
+        return False, f'view {angle:.0f} deg away from AP > {config.max_angle_from_ap_deg:.0f}'
+    return True, ''
+
+
+# ----------------------------------------------------------------------------- registrar
+def validate_image(image, intrinsics):
+    """Check an X-ray for registration; return it as a 2D numpy array or raise ValueError.
+
+    The image must be a non-empty 2D numeric array of finite values whose size (width x height)
+    equals the intrinsics'.
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f'expected a 2D grey X-ray image, got shape {array.shape}')
+    if array.size == 0:
+        raise ValueError('the X-ray image is empty')
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f'expected a numeric X-ray image, got dtype {array.dtype}')
+    if not np.all(np.isfinite(array)):
+        raise ValueError('the X-ray image contains NaN or infinite pixels')
+    if not isinstance(intrinsics, geometry.Intrinsics):
+        raise ValueError(f'intrinsics must be a geometry.Intrinsics, got {type(intrinsics)}')
+    if (array.shape[1], array.shape[0]) != (intrinsics.width, intrinsics.height):
+        raise ValueError(f'image is {array.shape[1]}x{array.shape[0]} px but the intrinsics are '
+                         f'for {intrinsics.width}x{intrinsics.height} px')
+    return array
+
+
+def network_size(metadata, model):
+    """(width, height) the network was trained at (checkpoint metadata ``image_size``)."""
+    size = metadata.get('image_size')
+    if size is None:
+        raise ValueError('checkpoint metadata lacks the training image size')
+    width, height = (size, size) if np.isscalar(size) else size
+    if width % model.stride or height % model.stride:
+        raise ValueError(f'network size {width}x{height} is not a multiple of {model.stride}')
+    return int(width), int(height)
+
+
+class Registrar:
+    """Registers X-ray images to the CT a scene coordinate network was trained for.
+
+    ``patient`` (a ``ct.Patient``) is optional: it is needed only for intensity refinement; it
+    must be the checkpoint's CT (same ct_sha256). Without it, ``config.intensity_refine`` is
+    ignored.
+    """
+
+    def __init__(self, model, metadata, patient=None, config=None):
+        """Wrap a loaded network and its checkpoint metadata."""
+        self.model = model.eval()
+        self.metadata = dict(metadata)
+        self.config = config or RegistrationConfig()
+        expected = self.metadata.get('ct_sha256')
+        if patient is not None and expected is not None and patient.ct_sha256 != expected:
+            raise ValueError(f'the network was trained for CT {expected[:12]}..., not for '
+                             f'{patient.ct_path} ({patient.ct_sha256[:12]}...); train a model '
+                             f'for this CT or load the matching CT')
+        self.patient = patient
+        self.network_size = network_size(self.metadata, self.model)
+        self.bone_centroid = self.model.bone_centroid.detach().cpu().numpy().astype(float)
+        self.max_sigma_mm = float(self.config.max_sigma_mm or self.metadata.get(
+            'confident_sigma_mm', DEFAULT_MAX_SIGMA_MM))
+        self.projector = None  # the DRR projector of the CT, for intensity refinement
+        if patient is not None and self.config.intensity_refine:
+            self.projector = drr.DRRProjector(patient.ct)
+
+    @classmethod
+    def from_checkpoint(cls, path, patient=None, config=None):
+        """Load a checkpoint (refusing one trained for another CT than ``patient``'s)."""
+        expected = patient.ct_sha256 if patient is not None else None
+        network, metadata = scr_model.load_checkpoint(path, expected_ct_sha256=expected)
+        return cls(network, metadata, patient=patient, config=config)
+
+    def correspondences(self, prediction, rng):
+        """Confident 2D-3D pairs from a network prediction (batch of one).
+
+        Returns (points_ct (N, 3) mm, pixels (N, 2) at the network resolution, candidates): the
+        entry and exit points of pixels whose sigma is below ``self.max_sigma_mm``, randomly
+        subsampled to ``config.max_correspondences``; ``candidates`` counts them before that.
+        """
+        max_log_sigma = np.log(self.max_sigma_mm)
+        width, height = self.network_size
+        centres = geometry.pixel_centers(width, height)
+        points, pixels = [], []
+        for surface in ('entry', 'exit'):
+            coordinates = prediction[f'{surface}_mm'][0].detach().cpu().numpy()
+            log_sigma = prediction[f'{surface}_log_sigma'][0].detach().cpu().numpy()
+            confident = (log_sigma < max_log_sigma) & np.all(np.isfinite(coordinates), axis=-1)
+            points.append(coordinates[confident])
+            pixels.append(centres[confident])
+        points, pixels = np.concatenate(points).astype(float), np.concatenate(pixels)
+        candidates = len(points)
+        if candidates > self.config.max_correspondences:
+            keep = rng.choice(candidates, self.config.max_correspondences, replace=False)
+            points, pixels = points[keep], pixels[keep]
+        return points, pixels, candidates
+
+    def register(self, image, intrinsics):
+        """Register one X-ray; returns a ``Result`` (never raises for a bad pose).
+
+        Raises ValueError only for invalid input (see ``validate_image``).
+        """
+        config = self.config
+        start = time.perf_counter()
+        timings = {}
+        image = validate_image(image, intrinsics)
+        rng = np.random.default_rng(config.seed)
+
+        def rejected(reason, **fields):
+            timings['total'] = 1e3 * (time.perf_counter() - start)
+            return Result(pose=fields.pop('pose', None), accepted=False, reason=reason,
+                          timings_ms=timings, **fields)
+
+        small, small_intrinsics = scr_model.resize_for_network(image, intrinsics,
+                                                               self.network_size)
+        try:
+            tensor = scr_model.prepare_input(small)
+        except ValueError as error:  # validated already: only "no contrast" remains
+            return rejected(str(error))
+        timings['preprocess'] = 1e3 * (time.perf_counter() - start)
+
+        tick = time.perf_counter()
+        prediction = self.model.predict(tensor)
+        timings['network'] = 1e3 * (time.perf_counter() - tick)
+
+        tick = time.perf_counter()
+        points, pixels, candidates = self.correspondences(prediction, rng)
+        if len(points) < config.min_correspondences:
+            timings['pnp'] = 1e3 * (time.perf_counter() - tick)
+            return rejected(f'too few confident pixels: {len(points)} < '
+                            f'{config.min_correspondences}', num_candidates=candidates)
+        solution = solve_pnp(points, pixels, small_intrinsics.K, config, rng)
+        timings['pnp'] = 1e3 * (time.perf_counter() - tick)
+        if solution is None:
+            return rejected('PnP found no pose', num_candidates=candidates)
+        pose, inliers = solution
+
+        tick = time.perf_counter()
+        pose, covariance = refine_lm(points[inliers], pixels[inliers], small_intrinsics.K, pose)
+        errors = reprojection_errors(points, pixels, small_intrinsics.K, pose)
+        inliers = errors <= scaled_px(config.ransac_threshold_px, small_intrinsics.K, config)
+        to_input_px = intrinsics.K[0, 0] / small_intrinsics.K[0, 0]
+        error_px = (float(np.median(errors[inliers])) * to_input_px if inliers.any()
+                    else float('inf'))
+        timings['refine_lm'] = 1e3 * (time.perf_counter() - tick)
+        fields = dict(pose=pose, inlier_count=int(inliers.sum()),
+                      inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
+                      covariance=covariance, num_candidates=candidates)
+        accepted, reason = quality_gates(pose, fields['inlier_count'], fields['inlier_ratio'],
+                                         error_px, intrinsics, self.bone_centroid, config)
+        if not accepted:
+            return rejected(reason, **fields)
+
+        info = {}
+        if config.intensity_refine and self.projector is not None:
+            tick = time.perf_counter()
+            fields['pose'], info['intensity_refine'] = refine.refine_pose(
+                self.projector, image, intrinsics, pose, time_budget_s=config.refine_time_budget_s,
+                centre_ct=self.bone_centroid)
+            timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
+        timings['total'] = 1e3 * (time.perf_counter() - start)
+        return Result(accepted=True, timings_ms=timings, info=info, **fields)
+
+
+# ----------------------------------------------------------------------------- CLI
+def read_image(path):
+    """Read an X-ray from PNG/TIFF/JPEG (mono8/mono16 kept), .npy, or NIfTI/MHA/NRRD (2D)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f'image file not found: {path}')
+    name = path.name.lower()
+    if name.endswith('.npy'):
+        image = np.load(path, allow_pickle=False)
+    elif name.endswith(('.nii', '.nii.gz', '.mha', '.mhd', '.nrrd')):
+        import SimpleITK as sitk
+        image = np.squeeze(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    else:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ValueError(f'could not read {path} as an image')
+        if image.ndim == 3:
+            image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
+    if np.asarray(image).ndim != 2:
+        raise ValueError(f'{path}: expected a 2D image, got shape {np.asarray(image).shape}')
+    return image
+
+
+def read_intrinsics(path, width, height):
+    """Intrinsics from JSON: {"K": 3x3 or 9 values, "width", "height", optional "sdd_mm"}.
+
+    ``width``/``height`` default to the image size when the file omits them.
+    """
+    data = json.loads(Path(path).read_text())
+    K = data.get('K', data.get('k'))
+    if K is None:
+        raise ValueError(f'{path}: no "K" in the intrinsics file')
+    return geometry.Intrinsics(np.asarray(K, dtype=float).reshape(3, 3),
+                               int(data.get('width', width)), int(data.get('height', height)),
+                               float(data.get('sdd_mm', geometry.CIOS_FUSION_SDD_MM)))
+
+
+def cli_intrinsics(args, image):
+    """The intrinsics a CLI run uses: --intrinsics, --pixel-spacing, or Cios Fusion resized."""
+    height, width = image.shape[:2]
+    if args.intrinsics:
+        return read_intrinsics(args.intrinsics, width, height)
+    if args.pixel_spacing is not None:
+        return geometry.Intrinsics.from_carm(args.sdd, args.pixel_spacing, width, height)
+    return geometry.Intrinsics.from_carm(args.sdd).resize(width, height)
+
+
+def add_register_arguments(parser):
+    """Arguments of ``xray-ct-reg register``."""
+    parser.add_argument('image', help='X-ray image: PNG/TIFF (mono8/16), .npy, .nii(.gz), .mha')
+    parser.add_argument('--model', required=True, help='checkpoint (.pt) trained for the CT')
+    parser.add_argument('--intrinsics', help='JSON with K (3x3), width, height, sdd_mm')
+    parser.add_argument('--sdd', type=float, default=geometry.CIOS_FUSION_SDD_MM,
+                        help='source-to-detector distance (mm) when no --intrinsics')
+    parser.add_argument('--pixel-spacing', type=float, default=None,
+                        help='detector pixel spacing (mm) of the image; default: the Cios Fusion '
+                             'detector (1536 px x 0.194 mm) resampled to the image size')
+    parser.add_argument('--ct', help="the model's CT (file, DICOM folder or 'example'); needed "
+                                     'for --overlay and --refine')
+    parser.add_argument('--overlay', help='write the overlay (bone outline on the X-ray) here')
+    parser.add_argument('--refine', action='store_true', help='intensity refinement (needs --ct)')
+    parser.add_argument('--json', action='store_true', help='print the Result as JSON')
+
+
+def format_result(result):
+    """Human-readable lines for a Result."""
+    verdict = 'ACCEPTED' if result.accepted else f'REJECTED: {result.reason}'
+    lines = [verdict]
+    if result.pose is not None:
+        quaternion, translation = geometry.pose_to_quaternion(result.pose)
+        lines.append('T_imager_ct translation (mm): ' + ' '.join(f'{v:.2f}' for v in translation))
+        lines.append('rotation quaternion (x y z w): ' + ' '.join(f'{v:.5f}' for v in quaternion))
+    lines.append(f'inliers {result.inlier_count}/{result.num_candidates} candidates '
+                 f'(ratio {result.inlier_ratio:.2f}), median reprojection error '
+                 f'{result.reprojection_error_px:.2f} px')
+    lines.append('timings (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in result.timings_ms.items()))
+    return lines
+
+
+def run_register(args):
+    """Register one image file and print the verdict; exit 0 when accepted, 2 when rejected."""
+    from xray_ct_reg import ct
+    if (args.overlay or args.refine) and not args.ct:
+        print('error: --overlay and --refine need --ct (the CT the model was trained for)',
+              file=sys.stderr)
+        return 1
+    try:
+        image = read_image(args.image)
+        intrinsics = cli_intrinsics(args, image)
+        patient = ct.load_patient(args.ct) if args.ct else None
+        config = RegistrationConfig(intensity_refine=bool(args.refine))
+        registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
+        result = registrar.register(image, intrinsics)
+    except ValueError as error:  # CTError and CheckpointError are ValueErrors
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    if args.overlay:
+        from xray_ct_reg import overlay
+        verdict = 'accepted' if result.accepted else f'rejected: {result.reason}'
+        picture = overlay.draw_overlay(image, result.pose, intrinsics, patient, text=verdict)
+        cv2.imwrite(args.overlay, picture)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print('\n'.join(format_result(result)))
+    return 0 if result.accepted else 2
