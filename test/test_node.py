@@ -1,0 +1,376 @@
+"""The colcon-installed registration node over real rclpy + Fast DDS (loopback sandbox).
+
+Frames are rendered from the example CT and published from this test process; the node runs as
+its own process started like ``ros2 run`` would, with config/registration.yaml.
+"""
+import array
+import signal
+import subprocess
+import threading
+import time
+
+from conftest import NODE_EXECUTABLE, PACKAGE, REPO
+import numpy as np
+import pytest
+
+from xray_ct_reg import geometry, ros_io
+
+MODEL = REPO / 'models' / 'chest_example.pt'
+PARAMS = REPO / 'config' / 'registration.yaml'
+NODE = '/' + NODE_EXECUTABLE
+MTRE_BOUND_MM = 10.0          # a published pose must never be a gross failure
+STREAM_SECONDS = 20.0
+STREAM_RATE_HZ = 30.0
+RSS_GROWTH_BOUND_MB = 60.0
+LATENCY_P95_BOUND_MS = 5000.0  # 2 shared cores, 1024^2 input, CPU network
+
+needs_model = pytest.mark.skipif(not MODEL.is_file(),
+                                 reason=f'{MODEL} not committed yet (train it first)')
+
+
+@pytest.fixture(scope='module')
+def patient():
+    from xray_ct_reg import ct
+    return ct.load_patient('example')
+
+
+@pytest.fixture(scope='module')
+def untrained_model(tmp_path_factory, patient):
+    """A valid checkpoint of an untrained network (plumbing tests need no accuracy)."""
+    from xray_ct_reg import model
+    network = model.SCRNet()
+    network.set_normalisation(patient.bone_centroid, patient.bone_radius)
+    path = tmp_path_factory.mktemp('models') / 'untrained.pt'
+    model.save_checkpoint(path, network, {'ct_sha256': patient.ct_sha256, 'image_size': 128})
+    return path
+
+
+@pytest.fixture(scope='module')
+def frames(patient):
+    from xray_ct_reg import sim_carm
+    poses = sim_carm.sample_poses(patient, 3, seed=7)
+    return sim_carm.render_frames(patient, poses, size=256, render_size=256, seed=7)
+
+
+class Harness:
+    """The installed node as a process, and a probe node of this process around it."""
+
+    def __init__(self, install, env, context, model_path, *extra):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseWithCovarianceStamped
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, Image
+        from tf2_msgs.msg import TFMessage
+
+        command = [str(install / 'lib' / PACKAGE / NODE_EXECUTABLE), '--ros-args',
+                   '--params-file', str(PARAMS), '-p', f'model_path:={model_path}', *extra]
+        env = dict(env)  # the installed package does not know the repository's data folder
+        env.setdefault('XRAY_CT_REG_EXAMPLE_DIR', str(REPO / 'data' / 'example'))
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.log = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        self.node = Node('test_node_probe', context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        self.image_pub = self.node.create_publisher(Image, '/carm/image_raw', qos)
+        self.info_pub = self.node.create_publisher(CameraInfo, '/carm/camera_info', qos)
+        self.tf, self.poses, self.diagnostics = [], [], []
+        self.node.create_subscription(TFMessage, '/tf', lambda m: self.tf.extend(
+            (time.time_ns(), t) for t in m.transforms), ros_io.TF_QOS)
+        self.node.create_subscription(PoseWithCovarianceStamped, NODE + '/pose',
+                                      self.poses.append, 10)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg):
+        for status in msg.status:
+            if status.name.startswith(NODE):
+                values = {kv.key: kv.value for kv in status.values}
+                level = ord(status.level) if isinstance(status.level, bytes) else status.level
+                self.diagnostics.append((level, status.message, values))
+
+    def spin(self, seconds, until=None):
+        """Spin the probe for up to ``seconds``; stop early when ``until()`` is true."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, 'node died:\n' + ''.join(self.log)
+            self.executor.spin_once(timeout_sec=0.05)
+            if until is not None and until():
+                return True
+        return False
+
+    def diag(self):
+        """Latest diagnostics values of the node (waits for one)."""
+        assert self.spin(5.0, lambda: bool(self.diagnostics)), 'no diagnostics'
+        return self.diagnostics[-1]
+
+    def wait_diag(self, predicate, seconds=15.0):
+        """Wait for a diagnostics message with predicate(level, message, values)."""
+        start = len(self.diagnostics)
+        ok = self.spin(seconds, lambda: any(predicate(*d) for d in self.diagnostics[start:]))
+        assert ok, f'diagnostics never matched; last: {self.diagnostics[-1:]}\n' + ''.join(
+            self.log[-20:])
+        return next(d for d in self.diagnostics[start:] if predicate(*d))
+
+    def wait_ready(self):
+        """Wait until the node's image subscription is matched."""
+        assert self.spin(60.0, lambda: self.image_pub.get_subscription_count() > 0), \
+            'node never subscribed:\n' + ''.join(self.log)
+
+    def state(self):
+        """Lifecycle state label via lifecycle_msgs/GetState."""
+        from lifecycle_msgs.srv import GetState
+        client = self.node.create_client(GetState, NODE + '/get_state')
+        try:
+            assert client.wait_for_service(timeout_sec=20.0), 'get_state not available'
+            future = client.call_async(GetState.Request())
+            self.executor.spin_until_future_complete(future, timeout_sec=30.0)
+            return future.result().current_state.label
+        finally:
+            self.node.destroy_client(client)
+
+    def change_state(self, transition_id):
+        """Trigger a lifecycle transition via lifecycle_msgs/ChangeState; return success."""
+        from lifecycle_msgs.srv import ChangeState
+        client = self.node.create_client(ChangeState, NODE + '/change_state')
+        try:
+            assert client.wait_for_service(timeout_sec=20.0), 'change_state not available'
+            request = ChangeState.Request()
+            request.transition.id = transition_id
+            future = client.call_async(request)
+            self.executor.spin_until_future_complete(future, timeout_sec=60.0)
+            return future.result().success
+        finally:
+            self.node.destroy_client(client)
+
+    def publish(self, image, intrinsics, encoding='mono16', stamp_ns=None, info=True,
+                frame_id='carm'):
+        """Publish an image (+ CameraInfo with the same stamp); return the stamp (ns)."""
+        from std_msgs.msg import Header
+        stamp_ns = time.time_ns() if stamp_ns is None else stamp_ns
+        header = Header(frame_id=frame_id)
+        header.stamp.sec, header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        if info:
+            self.info_pub.publish(ros_io.intrinsics_to_camera_info(intrinsics, header))
+        message = image if not isinstance(image, np.ndarray) else ros_io.array_to_image_msg(
+            image, encoding, header)
+        message.header = header
+        self.image_pub.publish(message)
+        return stamp_ns
+
+    def close(self):
+        """SIGINT the node; it must exit 0 (idempotent)."""
+        if self.executor is None:
+            return
+        self.executor.shutdown()
+        self.executor = None
+        self.node.destroy_node()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail('node did not stop within 20 s of SIGINT')
+        assert self.proc.returncode == 0, f'exit code {self.proc.returncode}:\n' + ''.join(
+            self.log)
+
+
+@pytest.fixture
+def harness(colcon_install, colcon_env, rclpy_context):
+    made = []
+
+    def start(model_path, *extra):
+        made.append(Harness(colcon_install, colcon_env, rclpy_context, model_path, *extra))
+        return made[-1]
+    yield start
+    for each in made:
+        each.close()
+
+
+@needs_model
+def test_tf_matches_true_pose(harness, frames, patient):
+    node = harness(MODEL)
+    node.wait_ready()
+    published = {}
+    for frame in frames:
+        stamp = node.publish(frame.image, frame.intrinsics)
+        published[stamp] = frame
+        node.wait_diag(lambda _l, _m, v: int(v['accepted']) + int(v['rejected'])
+                       + int(v['errors']) >= len(published))
+    node.spin(1.0)
+    assert node.tf, f'no TF published; diagnostics: {node.diagnostics[-1]}'
+    stamps = [ros_io.stamp_to_ns(t.header.stamp) for _, t in node.tf]
+    assert len(stamps) == len(set(stamps)), 'the same stamp was published twice'
+    for _, transform in node.tf:
+        assert transform.header.frame_id == 'carm' and transform.child_frame_id == 'ct'
+        stamp = ros_io.stamp_to_ns(transform.header.stamp)
+        assert stamp in published
+        error = geometry.mtre(ros_io.transform_msg_to_pose(transform), published[stamp].pose,
+                              patient.targets)
+        assert error < MTRE_BOUND_MM, f'published pose has mTRE {error:.1f} mm'
+    assert len(node.poses) == len(node.tf)
+    assert all(p.header.frame_id == 'carm' for p in node.poses)
+
+
+def test_lifecycle_transitions(harness, frames, untrained_model):
+    from lifecycle_msgs.msg import Transition
+    model = MODEL if MODEL.is_file() else untrained_model
+    node = harness(model, '-p', 'autostart:=false')
+    assert node.state() == 'unconfigured'
+    frame = frames[0]
+    assert node.change_state(Transition.TRANSITION_CONFIGURE)
+    assert node.state() == 'inactive'
+    node.spin(1.0)
+    assert node.image_pub.get_subscription_count() == 0, 'subscribed while inactive'
+    for _ in range(3):
+        node.publish(frame.image, frame.intrinsics)
+        node.spin(0.3)
+    level, message, values = node.diag()
+    assert values['state'] == 'inactive' and values['frames_received'] == '0'
+    assert node.change_state(Transition.TRANSITION_ACTIVATE)
+    assert node.state() == 'active'
+    node.wait_ready()
+    node.publish(frame.image, frame.intrinsics)
+    node.wait_diag(lambda _l, _m, v: int(v['frames_received']) >= 1)
+    assert node.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert node.state() == 'inactive'
+    tf_before = len(node.tf)
+    node.spin(1.0)
+    for _ in range(3):
+        node.publish(frame.image, frame.intrinsics)
+        node.spin(0.3)
+    node.spin(1.0)
+    assert len(node.tf) == tf_before, 'TF published while inactive'
+    assert node.change_state(Transition.TRANSITION_CLEANUP)
+    assert node.state() == 'unconfigured'
+
+
+def _bad_inputs(frame):
+    """(name, publish kwargs, expected reason fragment) of every bad input."""
+    from sensor_msgs.msg import Image
+    rgb = Image(height=4, width=4, encoding='rgb8', step=12)
+    rgb.data = array.array('B', bytes(48))
+    empty = Image(height=0, width=0, encoding='mono16', step=0)
+    nan = frame.image.astype(np.float32)
+    nan[10:20, 10:20] = np.nan
+    bad_k = geometry.Intrinsics(np.eye(3), frame.intrinsics.width, frame.intrinsics.height)
+    zero_k_info = ros_io.intrinsics_to_camera_info(bad_k)
+    zero_k_info.k = [0.0] * 9
+    return [
+        ('wrong encoding', dict(image=rgb), 'unsupported image encoding'),
+        ('empty image', dict(image=empty), 'empty image'),
+        ('NaN image', dict(image=nan, encoding='32FC1'), 'NaN'),
+        ('size mismatch', dict(image=frame.image[:128]), 'does not match CameraInfo'),
+        ('missing CameraInfo', dict(image=frame.image, info=False), 'no CameraInfo'),
+        ('zero K', dict(image=frame.image, zero_k=zero_k_info), 'invalid CameraInfo K'),
+    ]
+
+
+def test_bad_input_is_reported_and_survived(harness, frames, untrained_model):
+    model = MODEL if MODEL.is_file() else untrained_model
+    node = harness(model)
+    node.wait_ready()
+    frame = frames[0]
+    for name, kwargs, reason in _bad_inputs(frame):
+        zero_k = kwargs.pop('zero_k', None)
+        errors = int(node.diag()[2]['errors'])
+        if zero_k is not None:
+            from std_msgs.msg import Header
+            stamp = time.time_ns()
+            header = Header(frame_id='carm')
+            header.stamp.sec, header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+            zero_k.header = header
+            node.info_pub.publish(zero_k)
+            node.publish(kwargs['image'], frame.intrinsics, stamp_ns=stamp, info=False)
+        else:
+            node.publish(intrinsics=frame.intrinsics, **kwargs)
+        level, message, values = node.wait_diag(
+            lambda _l, _m, v, e=errors: int(v['errors']) > e)
+        assert reason in values['last_reason'], (name, values['last_reason'])
+        assert level >= 1 and reason in message, (name, level, message)
+        assert node.state() == 'active', name
+    assert not node.tf and not node.poses, 'bad input produced a pose'
+
+
+def test_model_ct_mismatch_fails_configure(harness, tmp_path, patient):
+    from xray_ct_reg import model
+    network = model.SCRNet()
+    network.set_normalisation(patient.bone_centroid, patient.bone_radius)
+    other = tmp_path / 'other_ct.pt'
+    model.save_checkpoint(other, network, {'ct_sha256': '0' * 64, 'image_size': 128})
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'not a checkpoint')
+    for path, reason in ((other, 'another CT'), (corrupt, 'corrupt.pt')):
+        node = harness(path, '-p', 'ct_path:=example')
+        level, message, values = node.wait_diag(
+            lambda _l, _m, v: v['last_verdict'] == 'error', seconds=60.0)
+        assert reason in values['last_reason'] and 'configure failed' in message, values
+        assert level == 2
+        assert node.state() == 'unconfigured'
+        node.close()
+
+
+@pytest.mark.slow
+def test_stream_30hz_1024_memory_and_latency(harness, patient, untrained_model):
+    import psutil
+
+    from xray_ct_reg import sim_carm
+    model = MODEL if MODEL.is_file() else untrained_model
+    poses = sim_carm.sample_poses(patient, 2, seed=3)
+    stream = sim_carm.render_frames(patient, poses, size=1024, render_size=256, seed=3)
+    node = harness(model)
+    node.wait_ready()
+    process = psutil.Process(node.proc.pid)
+    from std_msgs.msg import Header
+    messages = [(ros_io.array_to_image_msg(f.image, 'mono16'),
+                 ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in stream]
+    period, start, sent = 1.0 / STREAM_RATE_HZ, time.monotonic(), 0
+    rss_start = None
+    while time.monotonic() - start < STREAM_SECONDS:
+        image, info = messages[sent % len(messages)]
+        header = Header(frame_id='carm', stamp=node.node.get_clock().now().to_msg())
+        image.header = info.header = header
+        node.info_pub.publish(info)
+        node.image_pub.publish(image)
+        sent += 1
+        if rss_start is None and time.monotonic() - start > 5.0:  # after warm-up
+            rss_start = process.memory_info().rss
+        node.spin(max(0.0, start + sent * period - time.monotonic()))
+    rss_end = process.memory_info().rss
+    _, _, values = node.wait_diag(lambda _l, _m, v: True)
+    growth_mb = (rss_end - rss_start) / 2**20
+    print(f'\nstream: sent {sent} frames in {STREAM_SECONDS:.0f} s; node: {values}; '
+          f'RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MB')
+    assert sent >= 0.8 * STREAM_SECONDS * STREAM_RATE_HZ, f'test could only send {sent}'
+    received, dropped = int(values['frames_received']), int(values['frames_dropped'])
+    assert received > 0.25 * sent, 'the node did not keep up with reading the stream'
+    processed = int(values['accepted']) + int(values['rejected']) + int(values['errors'])
+    assert processed > 3
+    assert processed + dropped >= received - 2, 'a backlog built up: the mailbox must drop'
+    period_ms = 1e3 / float(values['input_rate_hz'])
+    assert dropped > 0 or float(values['latency_p50_ms']) < period_ms, \
+        'processing is slower than the input but no frame was dropped'
+    assert float(values['latency_p95_ms']) < LATENCY_P95_BOUND_MS, values
+    assert growth_mb < RSS_GROWTH_BOUND_MB, f'RSS grew {growth_mb:.0f} MB'
+
+
+def test_config_lists_every_parameter_and_launch_parses(rclpy_context):
+    import ast
+
+    import yaml
+
+    from xray_ct_reg.node import RegistrationNode
+    ast.parse((REPO / 'launch' / 'registration.launch.py').read_text())
+    listed = set(yaml.safe_load(PARAMS.read_text())['/**']['ros__parameters'])
+    node = RegistrationNode(context=rclpy_context)
+    try:
+        declared = set(node._parameters) - {'use_sim_time', 'start_type_description_service'}
+        for name in declared:
+            assert node.describe_parameter(name).description, f'{name} has no description'
+    finally:
+        node.destroy_node()
+    assert listed == declared - {'model_path'}, listed ^ declared

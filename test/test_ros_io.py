@@ -1,0 +1,162 @@
+"""The ROS boundary: image encodings, CameraInfo, and mm <-> metres pose conversion."""
+import array
+
+from geometry_msgs.msg import TransformStamped
+import numpy as np
+import pytest
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+
+from xray_ct_reg import geometry, ros_io
+
+RNG = np.random.default_rng(0)
+SAMPLES = {
+    'mono8': RNG.integers(0, 256, (5, 7)).astype(np.uint8),
+    '8UC1': RNG.integers(0, 256, (5, 7)).astype(np.uint8),
+    'mono16': RNG.integers(0, 65536, (5, 7)).astype(np.uint16),
+    '16UC1': RNG.integers(0, 65536, (5, 7)).astype(np.uint16),
+    '32FC1': RNG.normal(size=(5, 7)).astype(np.float32),
+}
+
+
+def _raw_image(image, encoding, bigendian=False, padding=0):
+    """Build an Image message by hand (independent of array_to_image_msg)."""
+    order = '>' if bigendian else '<'
+    rows = image.astype(image.dtype.newbyteorder(order)).tobytes()
+    row_bytes = image.shape[1] * image.dtype.itemsize
+    data = b''.join(rows[i * row_bytes:(i + 1) * row_bytes] + b'\xAB' * padding
+                    for i in range(image.shape[0]))
+    msg = Image(height=image.shape[0], width=image.shape[1], encoding=encoding,
+                is_bigendian=int(bigendian), step=row_bytes + padding)
+    msg.data = array.array('B', data)
+    return msg
+
+
+@pytest.mark.parametrize('encoding', sorted(SAMPLES))
+def test_round_trip(encoding):
+    image = SAMPLES[encoding]
+    header = Header(frame_id='carm')
+    msg = ros_io.array_to_image_msg(image, encoding, header)
+    assert msg.header.frame_id == 'carm' and msg.encoding == encoding
+    out = ros_io.image_to_array(msg)
+    assert out.dtype == image.dtype and out.shape == image.shape
+    np.testing.assert_array_equal(out, image)
+
+
+@pytest.mark.parametrize('encoding', ['mono16', '32FC1', 'mono8'])
+@pytest.mark.parametrize('bigendian', [False, True])
+@pytest.mark.parametrize('padding', [0, 6])
+def test_big_endian_and_padded_step(encoding, bigendian, padding):
+    image = SAMPLES[encoding]
+    out = ros_io.image_to_array(_raw_image(image, encoding, bigendian, padding))
+    np.testing.assert_array_equal(out, image)
+    assert out.dtype == image.dtype
+
+
+@pytest.mark.parametrize('mutate, match', [
+    (lambda m: setattr(m, 'encoding', 'rgb8'), 'unsupported image encoding'),
+    (lambda m: setattr(m, 'encoding', ''), 'unsupported image encoding'),
+    (lambda m: setattr(m, 'height', 0), 'empty image'),
+    (lambda m: setattr(m, 'step', 3), 'step'),
+    (lambda m: setattr(m, 'data', array.array('B', b'\0' * 10)), 'bytes, expected'),
+    (lambda m: setattr(m, 'height', 6), 'bytes, expected'),
+])
+def test_bad_images_raise(mutate, match):
+    msg = _raw_image(SAMPLES['mono16'], 'mono16')
+    mutate(msg)
+    with pytest.raises(ValueError, match=match):
+        ros_io.image_to_array(msg)
+
+
+def test_array_to_image_msg_rejects_bad_input():
+    with pytest.raises(ValueError, match='unsupported'):
+        ros_io.array_to_image_msg(np.zeros((3, 3)), 'yuv422')
+    with pytest.raises(ValueError, match='2D'):
+        ros_io.array_to_image_msg(np.zeros((3, 3, 3)), 'mono8')
+    with pytest.raises(ValueError, match='empty'):
+        ros_io.array_to_image_msg(np.zeros((0, 3)), 'mono8')
+    bgr = ros_io.array_to_image_msg(np.full((2, 3, 3), 7, np.uint8), 'bgr8')
+    assert bgr.step == 9 and len(bgr.data) == 18
+
+
+def test_camera_info_round_trip():
+    intrinsics = geometry.default_intrinsics(256)
+    msg = ros_io.intrinsics_to_camera_info(intrinsics, Header(frame_id='carm'))
+    assert msg.width == 256 and msg.height == 256 and msg.header.frame_id == 'carm'
+    assert msg.p[0] == pytest.approx(intrinsics.K[0, 0]) and msg.p[3] == 0.0
+    back = ros_io.camera_info_to_intrinsics(msg, intrinsics.sdd_mm)
+    assert back.equals(intrinsics)
+    assert back.pixel_spacing_mm == pytest.approx(0.194 * 1536 / 256)
+
+
+@pytest.mark.parametrize('k', [[0.0] * 9, [float('nan')] + [0.0] * 8,
+                               [-5.0, 0, 10, 0, 5.0, 10, 0, 0, 1]])
+def test_camera_info_bad_k_raises(k):
+    msg = CameraInfo(width=10, height=10)
+    msg.k = k
+    with pytest.raises(ValueError, match='invalid CameraInfo K'):
+        ros_io.camera_info_to_intrinsics(msg, 1020.0)
+
+
+def test_camera_info_bad_size_raises():
+    msg = ros_io.intrinsics_to_camera_info(geometry.default_intrinsics(64))
+    msg.width = 0
+    with pytest.raises(ValueError, match='size'):
+        ros_io.camera_info_to_intrinsics(msg, 1020.0)
+
+
+def _example_pose():
+    return geometry.carm_pose([10.0, -200.0, 35.0], lao_deg=25.0, cranial_deg=-10.0,
+                              inplane_deg=4.0, offset_mm=(3.0, -7.0, 11.0))
+
+
+def test_transform_is_in_metres_and_round_trips():
+    pose = _example_pose()
+    header = Header(frame_id='carm')
+    msg = ros_io.pose_to_transform_stamped(pose, header, 'ct')
+    assert isinstance(msg, TransformStamped)
+    assert msg.header.frame_id == 'carm' and msg.child_frame_id == 'ct'
+    t = msg.transform.translation
+    np.testing.assert_allclose([t.x, t.y, t.z], pose[:3, 3] / 1000.0)
+    np.testing.assert_allclose(ros_io.transform_msg_to_pose(msg), pose, atol=1e-9)
+    stamped = ros_io.pose_to_pose_stamped(pose, header)
+    np.testing.assert_allclose(stamped.pose.position.x, pose[0, 3] / 1000.0)
+    np.testing.assert_allclose(ros_io.transform_msg_to_pose(stamped), pose, atol=1e-9)
+
+
+def test_pose_with_covariance_converts_translation_blocks():
+    pose = _example_pose()
+    a = RNG.normal(size=(6, 6))
+    covariance = a @ a.T
+    msg = ros_io.pose_to_pose_with_covariance(pose, covariance, Header(frame_id='carm'))
+    out = np.array(msg.pose.covariance).reshape(6, 6)
+    np.testing.assert_allclose(out[:3, :3], covariance[:3, :3] * 1e-6)
+    np.testing.assert_allclose(out[:3, 3:], covariance[:3, 3:] * 1e-3)
+    np.testing.assert_allclose(out[3:, :3], covariance[3:, :3] * 1e-3)
+    np.testing.assert_allclose(out[3:, 3:], covariance[3:, 3:])
+    np.testing.assert_allclose(ros_io.transform_msg_to_pose(msg), pose, atol=1e-9)
+
+
+def test_transform_msg_to_pose_rejects_other_messages():
+    with pytest.raises(ValueError, match='not a transform'):
+        ros_io.transform_msg_to_pose(Header())
+
+
+def test_stamp_to_ns():
+    header = Header()
+    header.stamp.sec, header.stamp.nanosec = 3, 5
+    assert ros_io.stamp_to_ns(header.stamp) == 3_000_000_005
+
+
+def test_tf_publisher_uses_tf2_qos(rclpy_context):
+    from rclpy.node import Node
+    node = Node('tf_qos_probe', context=rclpy_context)
+    try:
+        broadcaster = ros_io.make_tf_publisher(node)
+        assert broadcaster.pub_tf.topic_name == '/tf'
+        assert broadcaster.pub_tf.qos_profile.depth == 100
+        broadcaster.sendTransform(ros_io.pose_to_transform_stamped(
+            _example_pose(), Header(frame_id='carm'), 'ct'))
+        ros_io.destroy_tf_publisher(node, broadcaster)
+    finally:
+        node.destroy_node()

@@ -1,0 +1,228 @@
+"""The ROS boundary: sensor_msgs / geometry_msgs <-> numpy and the core's conventions.
+
+Millimetres become metres here and nowhere else: TF and geometry_msgs poses carry metres
+(REP 103), the core works in millimetres. Image conversion uses ``cv_bridge`` when it imports
+(a real ROS install) and otherwise a small numpy conversion for the encodings a C-arm uses:
+``mono8``/``8UC1``, ``mono16``/``16UC1`` and ``32FC1``, honouring ``step`` (row padding) and
+``is_bigendian``. TF goes out through ``tf2_ros.TransformBroadcaster`` when it imports, else
+through a ``tf2_msgs/TFMessage`` publisher on ``/tf`` with tf2_ros's QoS.
+"""
+import array
+import sys
+
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
+import numpy as np
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+
+from xray_ct_reg import geometry
+
+try:  # a real ROS install has cv_bridge; PyPI does not
+    from cv_bridge import CvBridge
+except ImportError:  # pragma: no cover - depends on the installation
+    CvBridge = None
+
+try:
+    from tf2_ros import TransformBroadcaster
+except ImportError:  # pragma: no cover - depends on the installation
+    TransformBroadcaster = None
+
+MM_PER_M = 1000.0
+
+# encoding -> numpy dtype (native kind; byte order comes from is_bigendian)
+ENCODINGS = {
+    'mono8': np.uint8,
+    '8UC1': np.uint8,
+    'mono16': np.uint16,
+    '16UC1': np.uint16,
+    '32FC1': np.float32,
+}
+
+# tf2_ros.TransformBroadcaster's QoS
+TF_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                    reliability=ReliabilityPolicy.RELIABLE,
+                    durability=DurabilityPolicy.VOLATILE)
+
+
+# ----------------------------------------------------------------------------- time
+def stamp_to_ns(stamp):
+    """A builtin_interfaces/Time as integer nanoseconds (a hashable key)."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+# ----------------------------------------------------------------------------- images
+def _check_image(msg):
+    """Validate an Image's encoding and buffer size; return its numpy dtype."""
+    if msg.encoding not in ENCODINGS:
+        raise ValueError(f"unsupported image encoding '{msg.encoding}' "
+                         f"(supported: {', '.join(ENCODINGS)})")
+    dtype = np.dtype(ENCODINGS[msg.encoding])
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ValueError(f'empty image ({width}x{height})')
+    if step < width * dtype.itemsize:
+        raise ValueError(f'image step {step} is smaller than width {width} x '
+                         f'{dtype.itemsize} bytes')
+    if len(msg.data) != step * height:
+        raise ValueError(f'image data has {len(msg.data)} bytes, expected step {step} x '
+                         f'height {height} = {step * height}')
+    return dtype
+
+
+def image_to_array(msg):
+    """Convert a sensor_msgs/Image to a 2D numpy array (uint8, uint16 or float32).
+
+    Raises ValueError for an unsupported encoding, an empty image or a data size that does not
+    match ``step * height``.
+    """
+    dtype = _check_image(msg)
+    if CvBridge is not None:
+        return np.asarray(CvBridge().imgmsg_to_cv2(msg, desired_encoding='passthrough'))
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
+    packed = np.ascontiguousarray(rows[:, :width * dtype.itemsize])
+    order = '>' if msg.is_bigendian else '<'
+    return packed.view(dtype.newbyteorder(order)).reshape(height, width).astype(dtype)
+
+
+def array_to_image_msg(image, encoding, header=None):
+    """Convert a 2D array to a sensor_msgs/Image with ``encoding`` (values cast to its dtype).
+
+    Also accepts ``bgr8`` for (H, W, 3) uint8 images (overlays).
+    """
+    image = np.asarray(image)
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    if encoding == 'bgr8':
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'bgr8 needs an (H, W, 3) image, got shape {image.shape}')
+        data = np.ascontiguousarray(image, dtype=np.uint8)
+    elif encoding in ENCODINGS:
+        if image.ndim != 2:
+            raise ValueError(f'{encoding} needs a 2D image, got shape {image.shape}')
+        data = np.ascontiguousarray(image.astype(ENCODINGS[encoding], copy=False))
+    else:
+        raise ValueError(f"unsupported image encoding '{encoding}'")
+    if data.size == 0:
+        raise ValueError('empty image')
+    msg.height, msg.width = int(data.shape[0]), int(data.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = int(sys.byteorder == 'big')
+    msg.step = int(data.strides[0])
+    msg.data = array.array('B', data.tobytes())
+    return msg
+
+
+# ----------------------------------------------------------------------------- camera info
+def camera_info_to_intrinsics(msg, sdd_mm):
+    """Intrinsics from a sensor_msgs/CameraInfo; ``sdd_mm`` turns K into detector mm.
+
+    Raises ValueError for a zero, NaN or otherwise invalid K or image size.
+    """
+    k = np.asarray(msg.k, dtype=float)
+    if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
+        raise ValueError(f'invalid CameraInfo K {k.tolist()} (zero, NaN or non-positive focal)')
+    if int(msg.width) <= 0 or int(msg.height) <= 0:
+        raise ValueError(f'invalid CameraInfo size {msg.width}x{msg.height}')
+    return geometry.Intrinsics.from_camera_info(k, int(msg.width), int(msg.height), sdd_mm)
+
+
+def intrinsics_to_camera_info(intrinsics, header=None):
+    """A sensor_msgs/CameraInfo (pinhole, no distortion) for ``intrinsics``."""
+    msg = CameraInfo()
+    if header is not None:
+        msg.header = header
+    msg.width, msg.height = int(intrinsics.width), int(intrinsics.height)
+    msg.distortion_model = 'plumb_bob'
+    msg.d = [0.0] * 5
+    K = np.asarray(intrinsics.K, dtype=float)
+    msg.k = K.reshape(9).tolist()
+    msg.r = np.eye(3).reshape(9).tolist()
+    msg.p = np.hstack([K, np.zeros((3, 1))]).reshape(12).tolist()
+    return msg
+
+
+# ----------------------------------------------------------------------------- poses
+def _fill_pose_fields(position, orientation, pose_mm):
+    """Write a mm pose into geometry_msgs Point/Vector3 + Quaternion fields, in metres."""
+    quaternion, translation = geometry.pose_to_quaternion(np.asarray(pose_mm, dtype=float))
+    position.x, position.y, position.z = (float(v) / MM_PER_M for v in translation)
+    orientation.x, orientation.y, orientation.z, orientation.w = (float(v) for v in quaternion)
+
+
+def pose_to_transform_stamped(T_imager_ct_mm, header, child_frame):
+    """TransformStamped (metres) of a 4x4 mm pose; frame_id from ``header``."""
+    msg = TransformStamped()
+    msg.header = header
+    msg.child_frame_id = child_frame
+    _fill_pose_fields(msg.transform.translation, msg.transform.rotation, T_imager_ct_mm)
+    return msg
+
+
+def pose_to_pose_stamped(T_imager_ct_mm, header):
+    """PoseStamped (metres) of a 4x4 mm pose."""
+    msg = PoseStamped()
+    msg.header = header
+    _fill_pose_fields(msg.pose.position, msg.pose.orientation, T_imager_ct_mm)
+    return msg
+
+
+def covariance_mm_to_m(covariance_mm_rad):
+    """Convert a 6x6 covariance (x y z in mm, rx ry rz in rad) to metres and radians."""
+    covariance = np.asarray(covariance_mm_rad, dtype=float).reshape(6, 6)
+    scale = np.diag([1.0 / MM_PER_M] * 3 + [1.0] * 3)
+    return scale @ covariance @ scale
+
+
+def pose_to_pose_with_covariance(T_imager_ct_mm, covariance_mm_rad, header):
+    """PoseWithCovarianceStamped (metres); covariance order x y z rx ry rz, converted to m."""
+    msg = PoseWithCovarianceStamped()
+    msg.header = header
+    _fill_pose_fields(msg.pose.pose.position, msg.pose.pose.orientation, T_imager_ct_mm)
+    msg.pose.covariance = covariance_mm_to_m(covariance_mm_rad).reshape(36).tolist()
+    return msg
+
+
+def transform_msg_to_pose(msg):
+    """4x4 pose in mm from a Transform(Stamped), Pose(Stamped) or PoseWithCovariance(Stamped)."""
+    for name in ('transform', 'pose', 'pose'):  # unwrap *Stamped / *WithCovariance layers
+        if hasattr(msg, name):
+            msg = getattr(msg, name)
+    if hasattr(msg, 'translation'):
+        position, orientation = msg.translation, msg.rotation
+    elif hasattr(msg, 'position'):
+        position, orientation = msg.position, msg.orientation
+    else:
+        raise ValueError(f'not a transform or pose message: {type(msg).__name__}')
+    translation = np.array([position.x, position.y, position.z]) * MM_PER_M
+    quaternion = [orientation.x, orientation.y, orientation.z, orientation.w]
+    return geometry.pose_from_quaternion(quaternion, translation)
+
+
+# ----------------------------------------------------------------------------- TF
+class _TfPublisher:
+    """Minimal stand-in for tf2_ros.TransformBroadcaster: TFMessage on /tf, tf2_ros QoS."""
+
+    def __init__(self, node):
+        """Create the /tf publisher on ``node``."""
+        from tf2_msgs.msg import TFMessage
+        self._message_type = TFMessage
+        self.pub_tf = node.create_publisher(TFMessage, '/tf', TF_QOS)
+
+    def sendTransform(self, transform):  # noqa: N802 - tf2_ros's name
+        """Publish one TransformStamped or a list of them."""
+        transforms = transform if isinstance(transform, (list, tuple)) else [transform]
+        self.pub_tf.publish(self._message_type(transforms=list(transforms)))
+
+
+def make_tf_publisher(node):
+    """A TF broadcaster for ``node`` (tf2_ros when importable); use ``.sendTransform(t)``."""
+    if TransformBroadcaster is not None:
+        return TransformBroadcaster(node)
+    return _TfPublisher(node)
+
+
+def destroy_tf_publisher(node, broadcaster):
+    """Release the publisher behind a broadcaster made by :func:`make_tf_publisher`."""
+    node.destroy_publisher(broadcaster.pub_tf)

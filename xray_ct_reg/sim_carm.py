@@ -1,0 +1,205 @@
+"""A simulated C-arm: a ROS 2 node publishing X-ray frames rendered from a CT.
+
+``simulated_carm`` publishes sensor_msgs/Image (mono16 by default) and CameraInfo on
+``/carm/image_raw`` and ``/carm/camera_info`` at ``rate_hz``, and the true pose of each frame on
+``/carm/true_pose`` (geometry_msgs/PoseStamped, metres, T_imager_ct, frame = the image frame),
+all three with the same stamp, for checking a registration. Frames come from a pool rendered at
+start (random poses from ``simulate.PoseSampler`` with ``seed``, or the poses of ``poses_file``),
+because rendering is far slower than a C-arm's frame rate; images larger than ``render_size``
+are rendered at that size and resized (a resize changes K, never the pose).
+"""
+from dataclasses import dataclass
+import json
+import sys
+
+from geometry_msgs.msg import PoseStamped
+import numpy as np
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+
+from xray_ct_reg import geometry, ros_io
+
+NODE_NAME = 'simulated_carm'
+ENCODING_SCALE = {'mono8': 255.0, 'mono16': 65535.0, '32FC1': 1.0}
+
+
+@dataclass
+class Frame:
+    """One simulated X-ray: the image as published, its intrinsics and the true pose (mm)."""
+
+    image: np.ndarray
+    intrinsics: geometry.Intrinsics
+    pose: np.ndarray
+
+
+def to_encoding(image01, encoding):
+    """Scale a [0, 1] image to the value range of ``encoding`` (mono8, mono16 or 32FC1)."""
+    if encoding not in ENCODING_SCALE:
+        raise ValueError(f'encoding must be one of {sorted(ENCODING_SCALE)}, got {encoding!r}')
+    scaled = np.clip(np.asarray(image01, dtype=np.float64), 0.0, 1.0) * ENCODING_SCALE[encoding]
+    if encoding == '32FC1':
+        return scaled.astype(np.float32)
+    return np.round(scaled).astype(np.uint8 if encoding == 'mono8' else np.uint16)
+
+
+def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', seed=0,
+                  polarity='bright_bone'):
+    """Render one Frame per pose at ``size`` px (rendered at <= ``render_size`` and resized).
+
+    Images are DRRs (``drr.DRRProjector``) given the simulator's X-ray appearance
+    (``simulate.xray_appearance`` with ``polarity``; noise seeded by ``seed``) and the C-arm's
+    intrinsics (Cios Fusion geometry resampled to ``size``).
+    """
+    import cv2
+
+    from xray_ct_reg import drr, simulate
+
+    projector = drr.DRRProjector(patient.ct)
+    rng = np.random.default_rng(seed)
+    rendered_size = min(int(size), int(render_size))
+    render_intrinsics = geometry.default_intrinsics(rendered_size)
+    intrinsics = geometry.default_intrinsics(int(size))
+    frames = []
+    for pose in poses:
+        line_integral = projector.render(np.asarray(pose, dtype=float), render_intrinsics)
+        image = simulate.xray_appearance(line_integral, rng, polarity=polarity)
+        if rendered_size != size:
+            image = cv2.resize(np.asarray(image, dtype=np.float32), (int(size), int(size)),
+                               interpolation=cv2.INTER_LINEAR)
+        frames.append(Frame(to_encoding(image, encoding), intrinsics, np.asarray(pose, float)))
+    return frames
+
+
+def sample_poses(patient, count, seed=0):
+    """``count`` C-arm poses (T_imager_ct, mm) from ``simulate.PoseSampler`` (seeded)."""
+    from xray_ct_reg import simulate
+
+    sampler = simulate.PoseSampler()
+    rng = np.random.default_rng(seed)
+    vertices = np.asarray(patient.mesh.vertices)
+    return [sampler.sample(rng, vertices, patient.bone_centroid)[0] for _ in range(int(count))]
+
+
+def read_poses(path):
+    """Poses from a JSON file: a list of 4x4 T_imager_ct matrices (mm)."""
+    with open(path) as handle:
+        poses = [np.asarray(pose, dtype=float) for pose in json.load(handle)]
+    for pose in poses:
+        if not geometry.is_rigid(pose, tolerance=1e-5):
+            raise ValueError(f'{path}: not a rigid 4x4 pose: {pose.tolist()}')
+    return poses
+
+
+class SimulatedCarm(Node):
+    """Publishes a pool of simulated frames in a loop at ``rate_hz``."""
+
+    def __init__(self, patient=None, **kwargs):
+        """Declare parameters, render the frame pool and start the publishing timer.
+
+        ``patient`` (a loaded ``ct.Patient``) skips loading ``ct_path`` when running in-process.
+        """
+        super().__init__(NODE_NAME, **kwargs)
+        self._declare(self._param_specs())
+        if patient is None:
+            from xray_ct_reg import ct
+            patient = ct.load_patient(self._p('ct_path'))
+        poses = (read_poses(self._p('poses_file')) if self._p('poses_file')
+                 else sample_poses(patient, self._p('pool_size'), self._p('seed')))
+        self.get_logger().info(f'rendering {len(poses)} frames at {self._p("size")} px ...')
+        self.frames = render_frames(patient, poses, self._p('size'), self._p('render_size'),
+                                    self._p('encoding'), self._p('seed'), self._p('polarity'))
+        qos = (qos_profile_sensor_data if self._p('qos') == 'sensor_data'
+               else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        self._image_pub = self.create_publisher(Image, self._p('image_topic'), qos)
+        self._info_pub = self.create_publisher(CameraInfo, self._p('camera_info_topic'), qos)
+        self._pose_pub = self.create_publisher(PoseStamped, self._p('true_pose_topic'), 10)
+        self._messages = [(ros_io.array_to_image_msg(f.image, self._p('encoding')),
+                           ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in self.frames]
+        self.published = 0
+        self.published_stamps = {}
+        """stamp (ns) -> index in ``frames`` of every frame published."""
+        self._timer = self.create_timer(1.0 / self._p('rate_hz'), self._tick)
+        self.get_logger().info(f'publishing on {self._p("image_topic")} at '
+                               f'{self._p("rate_hz")} Hz')
+
+    @staticmethod
+    def _param_specs():
+        """(name, default, description, range or None) of every parameter."""
+        return [
+            ('ct_path', 'example', "CT to render ('example' = embedded chest CT)", None),
+            ('size', 256, 'published image size (px, square)', (16, 4096)),
+            ('render_size', 256, 'render at most this size, then resize (px)', (16, 4096)),
+            ('encoding', 'mono16', 'image encoding: mono8, mono16 or 32FC1', None),
+            ('polarity', 'bright_bone', "image polarity: 'bright_bone', 'dark_bone' or 'random'",
+             None),
+            ('rate_hz', 5.0, 'publishing rate (Hz)', (0.01, 1000.0)),
+            ('seed', 0, 'seed of the pose sampler and the image noise', (0, 2**31 - 1)),
+            ('pool_size', 8, 'number of random poses rendered at start', (1, 10000)),
+            ('poses_file', '', 'JSON list of 4x4 poses (mm) to use instead of random ones',
+             None),
+            ('max_frames', 0, 'stop publishing after this many frames (0 = never)',
+             (0, 2**31 - 1)),
+            ('frame_id', 'carm', 'frame id of the images (the imager frame)', None),
+            ('image_topic', '/carm/image_raw', 'image topic', None),
+            ('camera_info_topic', '/carm/camera_info', 'CameraInfo topic', None),
+            ('true_pose_topic', '/carm/true_pose', 'true pose topic (PoseStamped, m)', None),
+            ('qos', 'reliable', "QoS of image and CameraInfo: 'reliable' or 'sensor_data'",
+             None),
+        ]
+
+    def _declare(self, specs):
+        """Declare parameters with descriptions and ranges."""
+        for name, default, description, limits in specs:
+            descriptor = ParameterDescriptor(description=description)
+            if limits is not None and isinstance(default, float):
+                descriptor.floating_point_range = [
+                    FloatingPointRange(from_value=limits[0], to_value=limits[1])]
+            elif limits is not None:
+                descriptor.integer_range = [
+                    IntegerRange(from_value=limits[0], to_value=limits[1], step=1)]
+            self.declare_parameter(name, default, descriptor)
+
+    def _p(self, name):
+        """Current value of a parameter."""
+        return self.get_parameter(name).value
+
+    def _tick(self):
+        """Publish the next frame of the pool with a fresh stamp."""
+        if self._p('max_frames') and self.published >= self._p('max_frames'):
+            return
+        index = self.published % len(self.frames)
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._p('frame_id'))
+        image_msg, info_msg = self._messages[index]
+        image_msg.header = header
+        info_msg.header = header
+        self._info_pub.publish(info_msg)
+        self._image_pub.publish(image_msg)
+        self._pose_pub.publish(ros_io.pose_to_pose_stamped(self.frames[index].pose, header))
+        self.published_stamps[ros_io.stamp_to_ns(header.stamp)] = index
+        self.published += 1
+
+
+def main(args=None) -> int:
+    """Run the simulated C-arm until SIGINT; return the exit status."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = SimulatedCarm()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
