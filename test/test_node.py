@@ -66,8 +66,6 @@ class Harness:
 
         command = [str(install / 'lib' / PACKAGE / NODE_EXECUTABLE), '--ros-args',
                    '--params-file', str(PARAMS), '-p', f'model_path:={model_path}', *extra]
-        env = dict(env)  # the installed package does not know the repository's data folder
-        env.setdefault('XRAY_CT_REG_EXAMPLE_DIR', str(REPO / 'data' / 'example'))
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.log = []

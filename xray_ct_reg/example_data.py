@@ -43,12 +43,14 @@ class ExampleDataMissing(FileNotFoundError):
 def example_dir() -> Path:
     """Return the folder holding the example CT.
 
-    ``$XRAY_CT_REG_EXAMPLE_DIR`` when set, else ``<repository root>/data/example``.
+    ``$XRAY_CT_REG_EXAMPLE_DIR`` when set, else ``<user cache>/xray_ct_reg/example`` (e.g.
+    ``~/.cache/xray_ct_reg/example``): one place that a source checkout, a pip install and a
+    colcon install of the package all find.
     """
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent / 'data' / 'example'
+    return _cache_dir() / 'example'
 
 
 def _sha256(path: Path) -> str:
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     """Command line: fetch the example data into DEST (default: :func:`example_dir`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('dest', nargs='?', type=Path, default=None,
-                        help=f'target folder (default ${ENV_VAR} or <repo>/data/example)')
+                        help=f'target folder (default ${ENV_VAR} or ~/.cache/xray_ct_reg/example)')
     parser.add_argument('--force', action='store_true', help='extract again even if present')
     args = parser.parse_args(argv)
     dest = args.dest if args.dest is not None else example_dir()
