@@ -1,0 +1,166 @@
+"""Tests of training: augmentation, schedule, a tiny run, resume, CLI, committed checkpoint.
+
+The last test checks the accuracy of models/chest_example.pt on unseen simulated views.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xray_ct_reg import geometry
+from xray_ct_reg import model as scr
+from xray_ct_reg import train as training
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / 'models' / 'chest_example.pt'
+CT_SHA = 'c' * 64
+# Regression guard for the committed checkpoint on 4 fresh views (seed 987654), measured
+# values in models/README.md. The first checkpoint is undertrained (21 CPU minutes): it has no
+# confident pixels yet, so the guard bounds the median error on all bone pixels (measured
+# 56.6 mm; mean-position prediction gives ~100 mm) and, when some pixels are confident,
+# their median error.
+COMMITTED_MEDIAN_BOUND_MM = 70.0
+COMMITTED_CONFIDENT_MEDIAN_BOUND_MM = 10.0
+
+
+def _ray_sample(size=32, depth_mm=800.0):
+    """A sample whose entry map is the point at ``depth_mm`` on each pixel's ray (pose = I)."""
+    intrinsics = geometry.default_intrinsics(size)
+    pixels = geometry.pixel_centers(size, size).reshape(-1, 2)
+    _, directions = geometry.backproject_rays(np.eye(4), intrinsics.K, pixels)
+    points = directions / directions[:, 2:3] * depth_mm
+    entry = points.reshape(size, size, 3).astype(np.float32)
+    v, u = np.mgrid[0:size, 0:size]
+    hit = (u - size / 2) ** 2 + (v - size / 2) ** 2 < (size / 3) ** 2
+    return {'line_integral': np.where(hit, 2.0 + np.sin(u / 3.0), 0.0).astype(np.float32),
+            'entry': np.where(hit[..., None], entry, 0).astype(np.float32),
+            'exit': np.where(hit[..., None], entry * 1.1, 0).astype(np.float32), 'hit': hit,
+            'collimation': np.ones((size, size), bool), 'K': intrinsics.K}
+
+
+def _write_dataset(folder, n=12, size=32):
+    """A tiny dataset in the documented shard format (two shards, 2 validation samples)."""
+    folder.mkdir(parents=True)
+    samples = [_ray_sample(size, 700.0 + 20.0 * i) for i in range(n)]
+    shards = []
+    for index, start in enumerate(range(0, n, 7)):
+        chunk = samples[start:start + 7]
+        np.savez(folder / f'shard_{index:05d}.npz',
+                 **{key: np.stack([s[key] for s in chunk]) for key in training.TRAINING_KEYS})
+        shards.append({'file': f'shard_{index:05d}.npz', 'start': start, 'count': len(chunk)})
+    manifest = {'ct_sha256': CT_SHA, 'ct_path': '/data/ct.nii.gz', 'seed': 0,
+                'size': {'width': size, 'height': size},
+                'geometry': {'sdd_mm': geometry.CIOS_FUSION_SDD_MM},
+                'counts': {'total': n, 'train': n - 2, 'val': 2},
+                'splits': {'train': [0, n - 2], 'val': [n - 2, n]}, 'shards': shards,
+                'bone_centroid': [0.0, 0.0, 800.0], 'bone_radius': 100.0}
+    (folder / 'manifest.json').write_text(json.dumps(manifest))
+    return folder
+
+
+def test_crop_updates_maps_and_intrinsics_consistently():
+    config = training.TrainConfig(data='', out='', min_crop_scale=0.5)
+    sample = _ray_sample(64)
+    cropped = training.Augmenter(config).crop(sample, np.random.default_rng(3))
+    hit = cropped['hit']
+    assert hit.any() and cropped['entry'].shape == (64, 64, 3)
+    pixels, _ = geometry.project_points(np.eye(4), cropped['K'], cropped['entry'][hit])
+    v, u = np.nonzero(hit)
+    # nearest-neighbour resampling: each pixel's point projects within one source pixel
+    assert np.abs(pixels - np.stack([u, v], axis=1)).max() <= 1.0 + 1e-6
+
+
+def test_augmentation_is_deterministic_and_marks_erased_pixels_as_background():
+    config = training.TrainConfig(data='', out='', erase_probability=1.0)
+    sample = _ray_sample(32)
+    first = training.Augmenter(config)(sample, np.random.default_rng(7))
+    second = training.Augmenter(config)(sample, np.random.default_rng(7))
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    image, _, _, bone, _ = first
+    assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    assert bone.sum() <= sample['hit'].sum()
+    original = np.random.default_rng(1).uniform(size=(32, 32))
+    erased, erased_bone = training.random_erase(original, np.ones((32, 32), bool),
+                                                np.random.default_rng(0))
+    changed = erased != original
+    assert changed.any() and not erased_bone[changed].any()
+
+
+def test_learning_rate_schedule():
+    config = training.TrainConfig(data='', out='', lr=1e-3, warmup_fraction=0.1)
+    assert training.learning_rate(config, 0.0) == pytest.approx(1e-5)
+    assert training.learning_rate(config, 0.1) == pytest.approx(1e-3)
+    assert training.learning_rate(config, 1.0) == pytest.approx(1e-5)
+    values = [training.learning_rate(config, p) for p in np.linspace(0.1, 1.0, 20)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_tiny_training_run_writes_checkpoint_curves_log_and_resumes(tmp_path):
+    data = _write_dataset(tmp_path / 'data')
+    out = tmp_path / 'run' / 'model.pt'
+    config = training.TrainConfig(data=str(data), out=str(out), epochs=2, batch_size=4,
+                                  width=4, depth=2, progress=False, patience=5)
+    result = training.train(config)
+    assert result['epochs'] == 2 and np.isfinite(result['loss'])
+    assert {'median_error_mm', 'median_error_confident_mm', 'fraction_confident'} <= set(result)
+    network, metadata = scr.load_checkpoint(out, expected_ct_sha256=CT_SHA)
+    assert metadata['ct_path'] == 'ct.nii.gz' and metadata['image_size'] == [32, 32]
+    assert metadata['normalisation']['bone_radius_mm'] == 100.0
+    assert metadata['intrinsics']['sdd_mm'] == geometry.CIOS_FUSION_SDD_MM
+    assert metadata['training_config']['width'] == 4
+    assert (out.parent / training.CURVES_NAME).stat().st_size > 0
+    log = json.loads((out.parent / training.LOG_NAME).read_text())
+    assert len(log['epochs']) == 2
+    resumed = tmp_path / 'run' / 'resumed.pt'
+    again = training.train(training.TrainConfig(**{**vars(config), 'out': str(resumed),
+                                                   'resume': str(out), 'epochs': 1}))
+    assert again['epochs'] == 3
+    with pytest.raises(scr.CheckpointError, match='another CT'):
+        manifest = json.loads((data / 'manifest.json').read_text())
+        (data / 'manifest.json').write_text(json.dumps({**manifest, 'ct_sha256': 'd' * 64}))
+        training.train(training.TrainConfig(**{**vars(config), 'resume': str(out)}))
+
+
+def test_cli_arguments():
+    parser = argparse.ArgumentParser()
+    training.add_train_arguments(parser)
+    args = parser.parse_args(['--data', 'd', '--out', 'm.pt', '--epochs', '3', '--width', '8',
+                              '--max-minutes', '1.5', '--resume', 'old.pt'])
+    config = training._config_from_args(args, args.data, args.out, args.resume)
+    assert (config.epochs, config.width, config.max_minutes, config.resume) == (3, 8, 1.5,
+                                                                                'old.pt')
+    parser = argparse.ArgumentParser()
+    training.add_prepare_arguments(parser)
+    args = parser.parse_args(['--ct', 'example', '--out', 'runs/x'])
+    assert (args.num_samples, args.size) == (2000, 128)
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason='models/chest_example.pt not trained yet')
+def test_committed_checkpoint_accuracy_on_unseen_views():
+    from xray_ct_reg import ct, simulate
+
+    patient = ct.load_patient('example')
+    network, metadata = scr.load_checkpoint(COMMITTED, expected_ct_sha256=patient.ct_sha256)
+    size = metadata['image_size'][0]
+    simulator = simulate.Simulator(patient)
+    rng = np.random.default_rng(987654)  # never used to simulate training data
+    errors, sigmas = [], []
+    for _ in range(4):
+        sample, _ = simulator.random_view(rng, size)
+        image = simulate.xray_appearance(sample['line_integral'], rng, 'random',
+                                         sample['collimation'])
+        bone = torch.from_numpy(sample['hit'] & sample['collimation'])[None]
+        error, sigma = training.coordinate_errors(
+            network, scr.prepare_input(image), torch.from_numpy(np.nan_to_num(sample['entry']))
+            [None].float(), torch.from_numpy(np.nan_to_num(sample['exit']))[None].float(), bone)
+        errors.append(error)
+        sigmas.append(sigma)
+    metrics = training.summarize_errors(np.concatenate(errors), np.concatenate(sigmas),
+                                        metadata['confident_sigma_mm'])
+    assert metrics['median_error_mm'] < COMMITTED_MEDIAN_BOUND_MM, metrics
+    if metrics['fraction_confident'] > 0.01:
+        assert metrics['median_error_confident_mm'] < COMMITTED_CONFIDENT_MEDIAN_BOUND_MM, metrics

@@ -1,0 +1,514 @@
+"""Training of the SCR network on a simulated dataset, and the ``train`` / ``prepare`` CLIs.
+
+The whole training split is held in memory (a 2000-sample 128 px dataset is < 1 GB) and
+augmented on the fly in the main process: augmentation costs ~1 ms per sample against ~100 ms
+for the network's forward and backward pass on 2 CPU cores, so a DataLoader worker would only
+take a core from torch. Augmentation (numpy/OpenCV, deterministic for a seed): a random square
+crop resized back (scene-coordinate maps with nearest neighbour, intrinsics by
+``Intrinsics.crop``/``resize``), random collimation shutters, the X-ray appearance of
+:func:`simulate.xray_appearance` with random polarity, contrast, noise and blur, and random
+erasing (erased pixels count as background: the network must not be confident there). Inputs
+then go through :func:`model.normalise_intensity`, exactly as at inference.
+
+The learning rate follows a warm-up + cosine schedule over whichever ends first: the epochs or
+``max_minutes``. Validation each epoch on the held-out split gives the median coordinate error
+(mm) on bone pixels, on confident bone pixels (sigma below ``confident_sigma_mm``) and the
+fraction of confident bone pixels; the best validation loss is checkpointed; training stops
+early after ``patience`` epochs without improvement.
+"""
+import dataclasses
+from dataclasses import dataclass
+import json
+import math
+from pathlib import Path
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from xray_ct_reg import geometry
+from xray_ct_reg import model as scr
+
+CURVES_NAME = 'training_curves.png'
+LOG_NAME = 'training_log.json'
+TRAINING_KEYS = ('line_integral', 'entry', 'exit', 'hit', 'collimation', 'K')
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in the checkpoint's metadata)."""
+
+    data: str
+    out: str
+    epochs: int = 40
+    batch_size: int = 4
+    lr: float = 1.5e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.03
+    seed: int = 0
+    size: int | None = None
+    width: int = 12
+    depth: int = 4
+    patience: int = 8
+    max_minutes: float | None = None
+    resume: str | None = None
+    threads: int = 2
+    crop_probability: float = 0.5
+    min_crop_scale: float = 0.6
+    collimation_probability: float = 0.3
+    erase_probability: float = 0.3
+    background_weight: float = 0.1
+    confident_sigma_mm: float = 5.0
+    max_val_samples: int = 96
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- data
+def _read_manifest(folder):
+    """The dataset's manifest.json as a dict."""
+    path = Path(folder) / 'manifest.json'
+    if not path.is_file():
+        raise FileNotFoundError(f'no dataset at {folder}: {path} is missing')
+    return json.loads(path.read_text())
+
+
+def load_split(folder, split, limit=None):
+    """Stack a dataset split into memory: dict of numpy arrays with a first sample axis.
+
+    Reads the shards listed in the manifest directly (format in docs/INTERFACES.md), which is
+    much faster than one sample at a time; ``limit`` keeps the first samples of the split.
+    """
+    manifest = _read_manifest(folder)
+    start, stop = manifest['splits'][split]
+    if limit is not None:
+        stop = min(stop, start + limit)
+    if stop <= start:
+        raise ValueError(f'dataset {folder} has no {split!r} samples')
+    parts = {key: [] for key in TRAINING_KEYS}
+    for shard in manifest['shards']:
+        first, last = max(start, shard['start']), min(stop, shard['start'] + shard['count'])
+        if first >= last:
+            continue
+        with np.load(Path(folder) / shard['file'], allow_pickle=False) as arrays:
+            for key in TRAINING_KEYS:
+                parts[key].append(arrays[key][first - shard['start']:last - shard['start']])
+    data = {key: np.concatenate(value) for key, value in parts.items()}
+    if len(data['K']) != stop - start:
+        raise ValueError(f'dataset {folder}: shards hold {len(data["K"])} of the '
+                         f'{stop - start} {split!r} samples the manifest lists')
+    return data
+
+
+def resample_split(data, size):
+    """Resample an in-memory split to ``size`` x ``size`` px (maps by nearest neighbour).
+
+    The line integral is area-averaged (cv2.INTER_AREA), the scene-coordinate maps and masks take
+    the nearest pixel centre (cv2.INTER_NEAREST_EXACT) and K follows ``Intrinsics.resize``.
+    """
+    height, width = data['line_integral'].shape[1:3]
+    if (height, width) == (size, size):
+        return data
+    target = (int(size), int(size))
+    out = {'line_integral': np.stack([cv2.resize(image, target, interpolation=cv2.INTER_AREA)
+                                      for image in data['line_integral']])}
+    for key in ('entry', 'exit', 'hit', 'collimation'):
+        out[key] = np.stack([cv2.resize(m.astype(np.uint8) if m.dtype == bool else m, target,
+                                        interpolation=cv2.INTER_NEAREST_EXACT)
+                             for m in data[key]]).astype(data[key].dtype)
+    out['K'] = np.stack([geometry.Intrinsics(K, width, height).resize(*target).K
+                         for K in data['K']])
+    return out
+
+
+class Augmenter:
+    """Turns a stored sample into a random training image and its targets (numpy, seeded)."""
+
+    def __init__(self, config):
+        """Augmentation strengths from a :class:`TrainConfig`."""
+        self.config = config
+
+    def crop(self, sample, rng):
+        """Random square crop (scale in [min_crop_scale, 1]) resized back to the sample size."""
+        height, width = sample['line_integral'].shape
+        side = int(round(rng.uniform(self.config.min_crop_scale, 1.0) * min(height, width)))
+        x0 = int(rng.integers(0, width - side + 1))
+        y0 = int(rng.integers(0, height - side + 1))
+        window = (slice(y0, y0 + side), slice(x0, x0 + side))
+        size = (width, height)
+        out = {'line_integral': cv2.resize(sample['line_integral'][window], size,
+                                           interpolation=cv2.INTER_LINEAR)}
+        for key in ('entry', 'exit'):
+            out[key] = cv2.resize(sample[key][window], size,
+                                  interpolation=cv2.INTER_NEAREST_EXACT)
+        for key in ('hit', 'collimation'):
+            out[key] = cv2.resize(sample[key][window].astype(np.uint8), size,
+                                  interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
+        intrinsics = geometry.Intrinsics(sample['K'], width, height)
+        out['K'] = intrinsics.crop(x0, y0, side, side).resize(width, height).K
+        return out
+
+    def __call__(self, sample, rng, train=True):
+        """Return (image float32 in [0, 1], entry mm, exit mm, bone bool, K)."""
+        from xray_ct_reg import simulate
+
+        config = self.config
+        if train and rng.random() < config.crop_probability:
+            sample = self.crop(sample, rng)
+        collimation = sample['collimation'].astype(bool)
+        if train and rng.random() < config.collimation_probability:
+            collimation = collimation & simulate.collimation_mask(*collimation.shape, rng)
+        image = simulate.xray_appearance(sample['line_integral'], rng, polarity='random',
+                                         collimation=collimation)
+        bone = sample['hit'].astype(bool) & collimation
+        if train and rng.random() < config.erase_probability:
+            image, bone = random_erase(image, bone, rng)
+        image = scr.normalise_intensity(image) if np.ptp(image) > 0 else np.zeros_like(image)
+        return image.astype(np.float32), sample['entry'], sample['exit'], bone, sample['K']
+
+
+def random_erase(image, bone, rng, max_boxes=3):
+    """Fill 1..max_boxes random rectangles with a constant; erased pixels are not bone."""
+    image, bone = image.copy(), bone.copy()
+    height, width = image.shape
+    for _ in range(int(rng.integers(1, max_boxes + 1))):
+        box_h = int(rng.integers(height // 16 + 1, height // 3 + 2))
+        box_w = int(rng.integers(width // 16 + 1, width // 3 + 2))
+        y0 = int(rng.integers(0, height - box_h + 1))
+        x0 = int(rng.integers(0, width - box_w + 1))
+        image[y0:y0 + box_h, x0:x0 + box_w] = rng.uniform(image.min(), image.max())
+        bone[y0:y0 + box_h, x0:x0 + box_w] = False
+    return image, bone
+
+
+def make_batch(data, indices, augmenter, rng, train=True):
+    """Augment the samples ``indices`` of an in-memory split into torch tensors."""
+    items = [augmenter({key: value[i] for key, value in data.items()}, rng, train)
+             for i in indices]
+    image, entry, exit_, bone, _ = (np.stack(parts) for parts in zip(*items, strict=True))
+    return (torch.from_numpy(image)[:, None], torch.from_numpy(entry.astype(np.float32)),
+            torch.from_numpy(exit_.astype(np.float32)), torch.from_numpy(bone))
+
+
+# ----------------------------------------------------------------------------- metrics
+def coordinate_errors(network, image, entry_mm, exit_mm, bone):
+    """Per bone pixel errors (mm) and sigmas (mm) of entry and exit, as flat numpy arrays."""
+    network.eval()
+    with torch.no_grad():
+        prediction = network.predict(image)
+    errors, sigmas = [], []
+    for name, target in (('entry', entry_mm), ('exit', exit_mm)):
+        error = torch.linalg.norm(prediction[f'{name}_mm'] - target, dim=-1)
+        errors.append(error[bone].numpy())
+        sigmas.append(torch.exp(prediction[f'{name}_log_sigma'])[bone].numpy())
+    return np.concatenate(errors), np.concatenate(sigmas)
+
+
+def summarize_errors(errors, sigmas, confident_sigma_mm):
+    """Median error on bone pixels, on confident ones (sigma < threshold), fraction confident."""
+    confident = sigmas < confident_sigma_mm
+    nan = float('nan')
+    return {
+        'median_error_mm': float(np.median(errors)) if errors.size else nan,
+        'p90_error_mm': float(np.percentile(errors, 90)) if errors.size else nan,
+        'median_error_confident_mm': float(np.median(errors[confident])) if confident.any()
+        else nan,
+        'p90_error_confident_mm': float(np.percentile(errors[confident], 90))
+        if confident.any() else nan,
+        'fraction_confident': float(confident.mean()) if errors.size else 0.0,
+        'confident_sigma_mm': float(confident_sigma_mm),
+    }
+
+
+def validate(network, batches, config):
+    """Validation loss and coordinate error summary over fixed, pre-augmented batches."""
+    losses, errors, sigmas = [], [], []
+    network.eval()
+    for image, entry, exit_, bone in batches:
+        with torch.no_grad():
+            output = network(image)
+            loss, _ = scr.scr_loss(output, network.normalise_coordinates(entry),
+                                   network.normalise_coordinates(exit_), bone,
+                                   config.background_weight)
+        losses.append(float(loss) * len(image))
+        error, sigma = coordinate_errors(network, image, entry, exit_, bone)
+        errors.append(error)
+        sigmas.append(sigma)
+    metrics = summarize_errors(np.concatenate(errors), np.concatenate(sigmas),
+                               config.confident_sigma_mm)
+    metrics['loss'] = sum(losses) / sum(len(b[0]) for b in batches)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- training
+def learning_rate(config, progress):
+    """Warm-up then cosine decay to 1% of ``config.lr``; ``progress`` in [0, 1]."""
+    if progress < config.warmup_fraction:
+        return config.lr * max(progress / config.warmup_fraction, 0.01)
+    phase = (progress - config.warmup_fraction) / max(1.0 - config.warmup_fraction, 1e-9)
+    return config.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(phase, 1.0))))
+
+
+def _checkpoint_metadata(config, manifest, size, metrics, history, wall_s):
+    """Metadata stored with the checkpoint (JSON-able)."""
+    K = np.asarray(history['K'])
+    sdd_mm = float((manifest.get('geometry') or {}).get('sdd_mm', geometry.CIOS_FUSION_SDD_MM))
+    intrinsics = geometry.Intrinsics(K, size, size, sdd_mm)
+    return {
+        'ct_sha256': manifest.get('ct_sha256'),
+        'ct_path': Path(str(manifest.get('ct_path', ''))).name,
+        'image_size': [size, size],
+        'intrinsics': {'convention': 'xray_ct_reg.geometry module docstring (pinhole K in px, '
+                                     'fx = fy = sdd / pixel spacing, pixel centres at integers)',
+                       'K': K.tolist(), 'sdd_mm': intrinsics.sdd_mm,
+                       'pixel_spacing_mm': intrinsics.pixel_spacing_mm},
+        'geometry': manifest.get('geometry'),
+        'dataset': {'path': str(Path(config.data).resolve()), 'seed': manifest.get('seed'),
+                    'counts': manifest.get('counts')},
+        'log_sigma_units': 'predict() returns log(sigma in mm)',
+        'confident_sigma_mm': config.confident_sigma_mm,
+        'training_config': dataclasses.asdict(config),
+        'validation': metrics,
+        'epochs_trained': len(history['epochs']),
+        'training_wall_s': round(wall_s, 1),
+    }
+
+
+def _write_curves(path, history):
+    """Plot train/validation loss and validation errors per epoch (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    epochs = [entry['epoch'] for entry in history['epochs']]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [e['train_loss'] for e in history['epochs']], label='train')
+    left.plot(epochs, [e['val']['loss'] for e in history['epochs']], label='validation')
+    left.set_xlabel('epoch')
+    left.set_ylabel('loss (NLL)')
+    left.legend()
+    right.plot(epochs, [e['val']['median_error_mm'] for e in history['epochs']],
+               label='median, bone pixels')
+    right.plot(epochs, [e['val']['median_error_confident_mm'] for e in history['epochs']],
+               label='median, confident bone pixels')
+    right.set_xlabel('epoch')
+    right.set_ylabel('coordinate error (mm)')
+    right.set_yscale('log')
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _progress_bar(total, enabled, description):
+    """A tqdm bar (or a silent stand-in when disabled)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=description, unit='sample',
+                dynamic_ncols=True, leave=False)
+
+
+def train(config):
+    """Train an SCR network as ``config`` says; write the best checkpoint; return its metrics.
+
+    Next to ``config.out`` it also writes ``training_curves.png`` and ``training_log.json``. The
+    returned dict holds the best validation metrics plus ``epochs``, ``wall_s``,
+    ``samples_per_s`` and ``checkpoint``.
+    """
+    started = time.monotonic()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    manifest = _read_manifest(config.data)
+    train_data = load_split(config.data, 'train')
+    val_data = load_split(config.data, 'val', limit=config.max_val_samples)
+    if config.size:
+        train_data = resample_split(train_data, config.size)
+        val_data = resample_split(val_data, config.size)
+    size = int(train_data['line_integral'].shape[1])
+
+    if config.resume:
+        network, resumed = scr.load_checkpoint(config.resume,
+                                               expected_ct_sha256=manifest.get('ct_sha256'))
+        network.train()
+        history_epochs = resumed.get('history', [])
+    else:
+        network = scr.SCRNet(1, config.width, config.depth)
+        history_epochs = []
+    network.set_normalisation(manifest['bone_centroid'], manifest['bone_radius'])
+    augmenter = Augmenter(config)
+    val_rng = np.random.default_rng(config.seed + 1_000_003)
+    val_batches = [make_batch(val_data, range(start, min(start + config.batch_size,
+                                                         len(val_data['K']))),
+                              augmenter, val_rng, train=False)
+                   for start in range(0, len(val_data['K']), config.batch_size)]
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    count = len(train_data['K'])
+    steps_per_epoch = max(count // config.batch_size, 1)
+    total_steps = steps_per_epoch * config.epochs
+    budget_s = config.max_minutes * 60.0 if config.max_minutes else None
+    history = {'epochs': list(history_epochs), 'K': train_data['K'][0].tolist()}
+    out = Path(config.out)
+    best_loss, best_metrics, stale, step = math.inf, None, 0, 0
+    first_epoch = len(history['epochs'])
+    samples_seen, train_time = 0, 0.0
+    for epoch in range(first_epoch, first_epoch + config.epochs):
+        network.train()
+        order = rng.permutation(count)
+        bar = _progress_bar(steps_per_epoch * config.batch_size, config.progress,
+                            f'epoch {epoch + 1}')
+        epoch_losses, epoch_start = [], time.monotonic()
+        for batch_index in range(steps_per_epoch):
+            elapsed = time.monotonic() - started
+            progress = max(step / total_steps, elapsed / budget_s if budget_s else 0.0)
+            if progress >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group['lr'] = learning_rate(config, progress)
+            indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+            image, entry, exit_, bone = make_batch(train_data, indices, augmenter, rng)
+            output = network(image)
+            loss, _ = scr.scr_loss(output, network.normalise_coordinates(entry),
+                                   network.normalise_coordinates(exit_), bone,
+                                   config.background_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
+            optimizer.step()
+            step += 1
+            epoch_losses.append(float(loss.detach()))
+            samples_seen += len(indices)
+            bar.update(len(indices))
+            if batch_index % 10 == 0:
+                with torch.no_grad():
+                    delta = network.denormalise(output.detach())['entry_mm'] - entry
+                    error = torch.linalg.norm(delta, dim=-1)[bone]
+                rate = bar.n / max(time.monotonic() - epoch_start, 1e-9)
+                bar.set_postfix(loss=f'{np.mean(epoch_losses[-10:]):.3f}',
+                                err_mm=f'{float(error.median()) if error.numel() else 0:.1f}',
+                                samples_s=f'{rate:.1f}')
+        bar.close()
+        train_time += time.monotonic() - epoch_start
+        if not epoch_losses:
+            break
+        metrics = validate(network, val_batches, config)
+        history['epochs'].append({'epoch': epoch + 1, 'train_loss': float(np.mean(epoch_losses)),
+                                  'val': metrics, 'lr': optimizer.param_groups[0]['lr'],
+                                  'elapsed_s': round(time.monotonic() - started, 1)})
+        if config.progress:
+            print(f"epoch {epoch + 1}: train loss {np.mean(epoch_losses):.3f}, val loss "
+                  f"{metrics['loss']:.3f}, median error {metrics['median_error_mm']:.2f} mm, "
+                  f"confident {metrics['median_error_confident_mm']:.2f} mm on "
+                  f"{100 * metrics['fraction_confident']:.0f}% of bone pixels", flush=True)
+        if metrics['loss'] < best_loss:
+            best_loss, best_metrics, stale = metrics['loss'], metrics, 0
+            metadata = _checkpoint_metadata(config, manifest, size, metrics, history,
+                                            time.monotonic() - started)
+            metadata['history'] = history['epochs']
+            scr.save_checkpoint(out, network, metadata)
+        else:
+            stale += 1
+        _write_curves(out.with_name(CURVES_NAME), history)
+        out.with_name(LOG_NAME).write_text(json.dumps(history, indent=1, default=float))
+        if stale >= config.patience:
+            break
+    wall_s = time.monotonic() - started
+    result = dict(best_metrics or {})
+    result.update({'epochs': len(history['epochs']), 'wall_s': round(wall_s, 1),
+                   'samples_per_s': round(samples_seen / max(train_time, 1e-9), 2),
+                   'checkpoint': str(out)})
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+def _add_common_training_arguments(parser, epochs):
+    """Training options shared by ``train`` and ``prepare``."""
+    defaults = TrainConfig(data='', out='')
+    parser.add_argument('--epochs', type=int, default=epochs, help='maximum number of epochs')
+    parser.add_argument('--batch-size', type=int, default=defaults.batch_size)
+    parser.add_argument('--lr', type=float, default=defaults.lr, help='peak learning rate')
+    parser.add_argument('--seed', type=int, default=defaults.seed)
+    parser.add_argument('--width', type=int, default=defaults.width,
+                        help='channels of the first U-Net level')
+    parser.add_argument('--depth', type=int, default=defaults.depth, help='U-Net levels')
+    parser.add_argument('--train-size', type=int, default=defaults.size,
+                        help='network image size (px); default: the dataset size')
+    parser.add_argument('--max-minutes', type=float, default=None,
+                        help='stop training after this many minutes (the LR schedule adapts)')
+    parser.add_argument('--patience', type=int, default=defaults.patience,
+                        help='early stopping: epochs without validation improvement')
+    parser.add_argument('--quiet', action='store_true', help='no progress display')
+
+
+def _config_from_args(args, data, out, resume=None):
+    """A TrainConfig from parsed CLI arguments."""
+    return TrainConfig(data=str(data), out=str(out), epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       size=args.train_size, width=args.width, depth=args.depth,
+                       max_minutes=args.max_minutes, patience=args.patience, resume=resume,
+                       progress=not args.quiet)
+
+
+def _print_result(result):
+    """One-paragraph summary of a training run."""
+    print(f"best checkpoint {result['checkpoint']} after {result['epochs']} epochs, "
+          f"{result['wall_s'] / 60:.1f} min ({result['samples_per_s']} samples/s): validation "
+          f"median error {result.get('median_error_mm', float('nan')):.2f} mm, confident "
+          f"{result.get('median_error_confident_mm', float('nan')):.2f} mm on "
+          f"{100 * result.get('fraction_confident', 0.0):.0f}% of bone pixels")
+
+
+def add_train_arguments(parser):
+    """Arguments of ``xray-ct-reg train``."""
+    parser.add_argument('--data', required=True, help='dataset folder (manifest.json + shards)')
+    parser.add_argument('--out', required=True, help='checkpoint file to write (best model)')
+    parser.add_argument('--resume', default=None,
+                        help='start from this checkpoint (same CT); optimizer state restarts')
+    _add_common_training_arguments(parser, TrainConfig.epochs)
+
+
+def run_train(args):
+    """Run ``xray-ct-reg train``; return the exit status."""
+    try:
+        result = train(_config_from_args(args, args.data, args.out, args.resume))
+    except (FileNotFoundError, ValueError) as error:
+        print(f'train: {error}')
+        return 1
+    _print_result(result)
+    return 0
+
+
+def add_prepare_arguments(parser):
+    """Arguments of ``xray-ct-reg prepare``."""
+    parser.add_argument('--ct', required=True,
+                        help="CT file (NIfTI, NRRD, MHA) or DICOM folder, or 'example'")
+    parser.add_argument('--labels', default=None, help='label map aligned with the CT')
+    parser.add_argument('--label-ids', type=int, nargs='+', default=None,
+                        help='label ids of the bones to use (default: all labels / threshold)')
+    parser.add_argument('--out', required=True, help='output folder (data/ and model.pt)')
+    parser.add_argument('-n', '--num-samples', type=int, default=2000,
+                        help='number of simulated views')
+    parser.add_argument('--size', type=int, default=128, help='simulated image size (px)')
+    _add_common_training_arguments(parser, TrainConfig.epochs)
+
+
+def run_prepare(args):
+    """Run ``xray-ct-reg prepare``: simulate a dataset from the CT, then train on it."""
+    from xray_ct_reg import ct, simulate
+
+    out = Path(args.out)
+    data = out / 'data'
+    try:
+        patient = ct.load_patient(args.ct, args.labels, args.label_ids)
+        if not (data / 'manifest.json').is_file():
+            print(f'simulating {args.num_samples} views of {args.size} px into {data}')
+            simulate.write_dataset(patient, data, args.num_samples, args.size, args.seed)
+        result = train(_config_from_args(args, data, out / 'model.pt'))
+    except (FileNotFoundError, ValueError) as error:
+        print(f'prepare: {error}')
+        return 1
+    _print_result(result)
+    return 0
+
