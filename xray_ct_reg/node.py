@@ -55,6 +55,8 @@ GATE_PARAMETERS = {
     'ransac_iterations': ('maximum RANSAC iterations', (1, 1000000)),
     'min_inliers': ('gate: minimum RANSAC inliers', (6, 1000000)),
     'min_inlier_ratio': ('gate: minimum inlier fraction', (0.0, 1.0)),
+    'min_inlier_spread': ('gate: minimum std of inlier pixels along u and v, as a fraction of '
+                          'the image size', (0.0, 1.0)),
     'max_reprojection_error_px': ('gate: maximum median reprojection error, px at the reference '
                                   'detector', (0.01, 500.0)),
     'min_source_distance_mm': ('gate: minimum source-to-bone-centroid distance (mm)',

@@ -53,7 +53,7 @@ class RegistrationConfig:
     """RANSAC stops early once this confidence of an all-inlier sample is reached."""
     reference_focal_px: float = REFERENCE_FOCAL_PX
     """Focal length (px) of the detector the pixel thresholds are written for."""
-    min_inliers: int = 50
+    min_inliers: int = 100
     """Gate: minimum number of RANSAC inliers."""
     min_inlier_ratio: float = 0.25
     """Gate: minimum fraction of the correspondences that are inliers."""
@@ -65,8 +65,13 @@ class RegistrationConfig:
     """Gate: ... and at most this far (the detector is ~1020 mm away)."""
     image_margin: float = 0.25
     """Gate: the bone centroid must project inside the image grown by this fraction per side."""
-    max_angle_from_ap_deg: float = 120.0
-    """Gate: maximum rotation (deg) of the view away from an AP view of a supine patient."""
+    min_inlier_spread: float = 0.06
+    """Gate: the inlier pixels' standard deviation along u and along v, as a fraction of the
+    image width and height, must reach this: a pose fitted to a small cluster of pixels is
+    ill-conditioned even when every pixel agrees with it."""
+    max_angle_from_ap_deg: float = 75.0
+    """Gate: maximum rotation (deg) of the view away from an AP view of a supine patient (the
+    training views reach about 55 deg; the network knows nothing beyond)."""
     intensity_refine: bool = False
     """Polish an accepted pose by intensity (NCC) against a DRR; needs the patient's CT."""
     refine_time_budget_s: float = 3.0
@@ -225,13 +230,21 @@ def refine_lm(points_ct, pixels, K, pose):
 
 
 # ----------------------------------------------------------------------------- gates
+def inlier_spread(pixels, width, height):
+    """Smaller of the pixels' standard deviations along u and v, relative to the image size."""
+    pixels = np.asarray(pixels, dtype=float).reshape(-1, 2)
+    if len(pixels) < 2:
+        return 0.0
+    return float(min(pixels[:, 0].std() / width, pixels[:, 1].std() / height))
+
+
 def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intrinsics,
-                  bone_centroid, config=None):
+                  bone_centroid, config=None, spread=1.0):
     """Decide whether a pose may be used. Returns (accepted, reason; '' when accepted).
 
     ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
-    Checks, in order: a rigid finite pose, inlier count, inlier ratio, reprojection error,
-    bone centroid in front of the source within the distance range, projecting inside the
+    ``spread`` is ``inlier_spread`` of the inlier pixels. Checks, in order: a rigid finite
+    pose, inlier count, inlier ratio, inlier spread, reprojection error, bone centroid in front of the source within the distance range, projecting inside the
     image (with margin), and the view angle away from AP.
     """
     config = config or RegistrationConfig()
@@ -241,6 +254,9 @@ def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intri
         return False, f'too few inliers: {inlier_count} < {config.min_inliers}'
     if not inlier_ratio >= config.min_inlier_ratio:
         return False, f'inlier ratio {inlier_ratio:.2f} < {config.min_inlier_ratio:.2f}'
+    if not spread >= config.min_inlier_spread:
+        return False, (f'inliers cluster in a small image region (spread {spread:.3f} < '
+                       f'{config.min_inlier_spread:.3f})')
     max_error = scaled_px(config.max_reprojection_error_px, intrinsics.K, config)
     if not reprojection_error_px <= max_error:
         return False, (f'reprojection error {reprojection_error_px:.2f} px > {max_error:.2f} px')
@@ -412,8 +428,10 @@ class Registrar:
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
                       covariance=covariance, num_candidates=candidates)
+        spread = inlier_spread(pixels[inliers], *self.network_size)
         accepted, reason = quality_gates(pose, fields['inlier_count'], fields['inlier_ratio'],
-                                         error_px, intrinsics, self.bone_centroid, config)
+                                         error_px, intrinsics, self.bone_centroid, config,
+                                         spread=spread)
         if not accepted:
             return rejected(reason, **fields)
 
