@@ -244,8 +244,9 @@ def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intri
 
     ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
     ``spread`` is ``inlier_spread`` of the inlier pixels. Checks, in order: a rigid finite
-    pose, inlier count, inlier ratio, inlier spread, reprojection error, bone centroid in front of the source within the distance range, projecting inside the
-    image (with margin), and the view angle away from AP.
+    pose, inlier count, inlier ratio, inlier spread, reprojection error, bone centroid in front
+    of the source within the distance range, projecting inside the image (with margin), and the
+    view angle away from AP.
     """
     config = config or RegistrationConfig()
     if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
