@@ -65,7 +65,7 @@ def test_installed_node_runs_and_stops_on_sigint(colcon_install, colcon_env, rcl
         assert proc.poll() is None, f'node exited early ({proc.returncode}):\n' + (
             proc.stdout.read() if proc.stdout else '')
         assert seen, f'{NODE_FQN} not discovered within 20 s'
-        parameters = _list_parameters(probe, executor, deadline=time.monotonic() + 15.0)
+        parameters = _list_parameters(probe, executor, deadline=time.monotonic() + 40.0)
         assert parameters is not None, 'list_parameters service did not answer'
         assert EXPECTED_PARAMETERS <= parameters, parameters
     finally:

@@ -7,9 +7,9 @@ used here, and its pose/detector conventions differ from ours; this projector ma
 to the pixel where it appears in the DRR by construction (tested).
 
 The HU volume is resampled once onto a grid of about ``voxel_mm`` voxels (same direction as the
-CT) and turned into linear attenuation mu = max(HU + 1000, 0) / 1000 * 0.02 per mm (water =
-0.02/mm), cropped to its non-zero box. Each pixel-centre ray is clipped to that box, sampled
-every ``step_mm`` (trilinear, ``grid_sample``) and summed times the step.
+CT) and turned into linear attenuation (see ``hu_to_mu``), cropped to its non-zero box. Each
+pixel-centre ray is clipped to that box, sampled every ``step_mm`` (trilinear, ``grid_sample``)
+and summed times the step.
 """
 import numpy as np
 import SimpleITK as sitk
@@ -19,11 +19,22 @@ import torch.nn.functional as F
 from xray_ct_reg.geometry import pixel_centers
 
 MU_WATER_PER_MM = 0.02
+# Extra attenuation per HU above BONE_ONSET_HU, relative to soft tissue's. CT numbers are
+# measured at a higher effective energy than a C-arm's; at fluoroscopy energies the photoelectric
+# effect makes bone attenuate much more than its HU suggest, which is why bone stands out on a
+# real X-ray. Without it the DRRs are dominated by soft tissue and ribs barely show.
+BONE_ONSET_HU = 100.0
+BONE_GAIN = 2.0
 
 
 def hu_to_mu(hu):
-    """Linear attenuation (1/mm) from Hounsfield units: max(HU + 1000, 0) / 1000 * mu_water."""
-    return np.maximum(np.asarray(hu, dtype=np.float32) + 1000.0, 0.0) / 1000.0 * MU_WATER_PER_MM
+    """Linear attenuation (1/mm) from Hounsfield units.
+
+    mu = mu_water * (max(HU + 1000, 0) + BONE_GAIN * max(HU - BONE_ONSET_HU, 0)) / 1000.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    scaled = np.maximum(hu + 1000.0, 0.0) + BONE_GAIN * np.maximum(hu - BONE_ONSET_HU, 0.0)
+    return scaled / 1000.0 * MU_WATER_PER_MM
 
 
 class DRRProjector:

@@ -160,6 +160,8 @@ class RegistrationNode(LifecycleNode):
             ('image_qos', 'sensor_data', f'QoS of the image subscription: {QOS_PROFILES}'),
             ('no_frame_warning_s', (3.0, 0.5, 60.0),
              'warn when the image topic has publishers but no frame came for this long'),
+            ('inference_threads', (1, 1, 64),
+             'torch threads of the registration worker; keep a core free for receiving frames'),
         ]
         for name, (description, (low, high)) in GATE_PARAMETERS.items():
             value = getattr(gates, name)
@@ -248,7 +250,10 @@ class RegistrationNode(LifecycleNode):
 
     def _load_registrar(self):
         """Build the Registrar from the parameters; return (registrar, patient or None)."""
+        import torch
+
         from xray_ct_reg.register import Registrar, RegistrationConfig
+        torch.set_num_threads(self._param('inference_threads'))
         patient = None
         if self._param('ct_path'):
             from xray_ct_reg import ct

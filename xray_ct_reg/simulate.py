@@ -78,7 +78,8 @@ class PoseSampler:
 
     Angles in degrees (LAO/RAO, cranial/caudal, in-plane), offsets in mm along the imager axes
     (x, y across the detector, z = depth along the beam). The isocentre is a random bone mesh
-    vertex pulled towards the bone centroid by a random fraction up to ``isocenter_pull``.
+    vertex pulled towards the bone centroid by a random fraction between ``isocenter_pull`` and
+    1, so views centre on the bones near the centroid (the spine) more than on the periphery.
     """
 
     lao_deg: float = 45.0
@@ -96,7 +97,7 @@ class PoseSampler:
         ``extreme`` every angle and offset sits at an edge of its range (random sign).
         """
         vertex = np.asarray(vertices)[rng.integers(len(vertices))]
-        pull = rng.uniform(0.0, self.isocenter_pull)
+        pull = rng.uniform(self.isocenter_pull, 1.0)
         isocenter = vertex + pull * (np.asarray(centroid) - vertex)
         draw = (lambda half: half * rng.choice([-1.0, 1.0])) if extreme else (
             lambda half: rng.uniform(-half, half))

@@ -12,9 +12,10 @@ then go through :func:`model.normalise_intensity`, exactly as at inference.
 
 The learning rate follows a warm-up + cosine schedule over whichever ends first: the epochs or
 ``max_minutes``. Validation each epoch on the held-out split gives the median coordinate error
-(mm) on bone pixels, on confident bone pixels (sigma below ``confident_sigma_mm``) and the
-fraction of confident bone pixels; the best validation loss is checkpointed; training stops
-early after ``patience`` epochs without improvement.
+(mm) on bone pixels and on confident bone pixels. "Confident" is calibrated, not fixed: the
+checkpoint's ``confident_sigma_mm`` is the sigma below which the ``confident_fraction`` most
+confident validation bone pixels lie, and the registrar uses those pixels only. The best
+validation loss is checkpointed; training stops early after ``patience`` epochs without improvement.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class TrainConfig:
     collimation_probability: float = 0.3
     erase_probability: float = 0.3
     background_weight: float = 0.1
-    confident_sigma_mm: float = 5.0
+    confident_fraction: float = 0.25
     max_val_samples: int = 96
     progress: bool = True
 
@@ -234,8 +235,9 @@ def validate(network, batches, config):
         error, sigma = coordinate_errors(network, image, entry, exit_, bone)
         errors.append(error)
         sigmas.append(sigma)
-    metrics = summarize_errors(np.concatenate(errors), np.concatenate(sigmas),
-                               config.confident_sigma_mm)
+    sigmas = np.concatenate(sigmas)
+    threshold = float(np.quantile(sigmas, config.confident_fraction)) if sigmas.size else 0.0
+    metrics = summarize_errors(np.concatenate(errors), sigmas, threshold)
     metrics['loss'] = sum(losses) / sum(len(b[0]) for b in batches)
     return metrics
 
@@ -266,7 +268,7 @@ def _checkpoint_metadata(config, manifest, size, metrics, history, wall_s):
         'dataset': {'path': str(Path(config.data).resolve()), 'seed': manifest.get('seed'),
                     'counts': manifest.get('counts')},
         'log_sigma_units': 'predict() returns log(sigma in mm)',
-        'confident_sigma_mm': config.confident_sigma_mm,
+        'confident_sigma_mm': metrics['confident_sigma_mm'],
         'training_config': dataclasses.asdict(config),
         'validation': metrics,
         'epochs_trained': len(history['epochs']),
