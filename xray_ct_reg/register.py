@@ -426,17 +426,17 @@ class Registrar:
         error_px = (float(np.median(errors[inliers])) * to_input_px if inliers.any()
                     else float('inf'))
         timings['refine_lm'] = 1e3 * (time.perf_counter() - tick)
+        spread = inlier_spread(pixels[inliers], *self.network_size)
+        info = {'inlier_spread': spread}
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
-                      covariance=covariance, num_candidates=candidates)
-        spread = inlier_spread(pixels[inliers], *self.network_size)
+                      covariance=covariance, num_candidates=candidates, info=info)
         accepted, reason = quality_gates(pose, fields['inlier_count'], fields['inlier_ratio'],
                                          error_px, intrinsics, self.bone_centroid, config,
                                          spread=spread)
         if not accepted:
             return rejected(reason, **fields)
 
-        info = {}
         if config.intensity_refine and self.projector is not None:
             tick = time.perf_counter()
             fields['pose'], info['intensity_refine'] = refine.refine_pose(
@@ -444,7 +444,7 @@ class Registrar:
                 centre_ct=self.bone_centroid)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
         timings['total'] = 1e3 * (time.perf_counter() - start)
-        return Result(accepted=True, timings_ms=timings, info=info, **fields)
+        return Result(accepted=True, timings_ms=timings, **fields)
 
 
 # ----------------------------------------------------------------------------- CLI

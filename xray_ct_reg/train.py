@@ -43,8 +43,8 @@ class TrainConfig:
     data: str
     out: str
     epochs: int = 40
-    batch_size: int = 4
-    lr: float = 1.5e-3
+    batch_size: int = 8
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.03
     seed: int = 0
@@ -425,7 +425,7 @@ def train(config):
 
 
 # ----------------------------------------------------------------------------- CLI
-def _add_common_training_arguments(parser, epochs):
+def _add_common_training_arguments(parser, epochs, max_minutes=None):
     """Training options shared by ``train`` and ``prepare``."""
     defaults = TrainConfig(data='', out='')
     parser.add_argument('--epochs', type=int, default=epochs, help='maximum number of epochs')
@@ -437,7 +437,7 @@ def _add_common_training_arguments(parser, epochs):
     parser.add_argument('--depth', type=int, default=defaults.depth, help='U-Net levels')
     parser.add_argument('--train-size', type=int, default=defaults.size,
                         help='network image size (px); default: the dataset size')
-    parser.add_argument('--max-minutes', type=float, default=None,
+    parser.add_argument('--max-minutes', type=float, default=max_minutes,
                         help='stop training after this many minutes (the LR schedule adapts)')
     parser.add_argument('--patience', type=int, default=defaults.patience,
                         help='early stopping: epochs without validation improvement')
@@ -490,10 +490,11 @@ def add_prepare_arguments(parser):
     parser.add_argument('--label-ids', type=int, nargs='+', default=None,
                         help='label ids of the bones to use (default: all labels / threshold)')
     parser.add_argument('--out', required=True, help='output folder (data/ and model.pt)')
-    parser.add_argument('-n', '--num-samples', type=int, default=2000,
+    parser.add_argument('-n', '--num-samples', type=int, default=4000,
                         help='number of simulated views')
-    parser.add_argument('--size', type=int, default=128, help='simulated image size (px)')
-    _add_common_training_arguments(parser, TrainConfig.epochs)
+    parser.add_argument('--size', type=int, default=64,
+                        help='simulated (and network) image size (px); 64 fits a 2-core CPU')
+    _add_common_training_arguments(parser, TrainConfig.epochs, max_minutes=27.0)
 
 
 def run_prepare(args):
