@@ -203,7 +203,8 @@ def test_tf_carries_the_registrar_pose_with_the_image_frame_and_stamp(harness, f
     import torch
 
     from xray_ct_reg.register import Registrar, RegistrationConfig
-    node = harness(MODEL, *(f'-p{name}:={value}' for name, value in OPEN_GATES.items()))
+    node = harness(MODEL, *(arg for name, value in OPEN_GATES.items()
+                            for arg in ('-p', f'{name}:={value}')))
     node.wait_ready()
     published = {}
     for frame in frames:
