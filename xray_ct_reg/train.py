@@ -30,6 +30,7 @@ import torch
 
 from xray_ct_reg import geometry
 from xray_ct_reg import model as scr
+from xray_ct_reg.dataset import read_manifest
 
 CURVES_NAME = 'training_curves.png'
 LOG_NAME = 'training_log.json'
@@ -66,21 +67,13 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def _read_manifest(folder):
-    """The dataset's manifest.json as a dict."""
-    path = Path(folder) / 'manifest.json'
-    if not path.is_file():
-        raise FileNotFoundError(f'no dataset at {folder}: {path} is missing')
-    return json.loads(path.read_text())
-
-
 def load_split(folder, split, limit=None):
     """Stack a dataset split into memory: dict of numpy arrays with a first sample axis.
 
     Reads the shards listed in the manifest directly (format in docs/INTERFACES.md), which is
     much faster than one sample at a time; ``limit`` keeps the first samples of the split.
     """
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     start, stop = manifest['splits'][split]
     if limit is not None:
         stop = min(stop, start + limit)
@@ -322,7 +315,7 @@ def train(config):
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    manifest = _read_manifest(config.data)
+    manifest = read_manifest(config.data)
     train_data = load_split(config.data, 'train')
     val_data = load_split(config.data, 'val', limit=config.max_val_samples)
     if config.size:
