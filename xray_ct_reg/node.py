@@ -49,7 +49,9 @@ GATE_PARAMETERS = {
     'max_sigma_mm': ("use a pixel when its predicted sigma (mm) is below this; 0: the "
                      "checkpoint's value", (0.0, 1000.0)),
     'max_correspondences': ('correspondences handed to RANSAC (random subsample)', (12, 1000000)),
-    'min_correspondences': ('reject without PnP below this many confident pixels', (6, 100000)),
+    'min_correspondences': ('reject without PnP below this many correspondences', (6, 100000)),
+    'min_points': ('when fewer pixels are confident, take this many least uncertain points',
+                   (0, 1000000)),
     'ransac_threshold_px': ('RANSAC inlier threshold, px at the 1536^2 reference detector',
                             (0.1, 500.0)),
     'ransac_iterations': ('maximum RANSAC iterations', (1, 1000000)),
@@ -66,6 +68,10 @@ GATE_PARAMETERS = {
     'image_margin': ('gate: bone centroid must project inside the image grown by this fraction',
                      (0.0, 10.0)),
     'max_angle_from_ap_deg': ('gate: maximum view angle away from AP (deg)', (0.0, 180.0)),
+    'min_ncc': ('gate with intensity_refine: minimum NCC of X-ray and DRR at the refined pose',
+                (-1.0, 1.0)),
+    'min_exposed_fraction': ('gate with intensity_refine: minimum fraction of the image that is '
+                             'not collimated or saturated', (0.0, 1.0)),
 }
 
 
@@ -152,8 +158,10 @@ class RegistrationNode(LifecycleNode):
             ('polarity', 'auto', f'image polarity, one of {", ".join(POLARITIES)}: dark_bone '
                                  'images are inverted first; auto/bright_bone pass unchanged '
                                  '(the network was trained on both)'),
-            ('intensity_refine', False, 'refine accepted poses against a DRR (needs the CT)'),
-            ('refine_time_budget_s', (1.0, 0.0, 60.0), 'time budget of the intensity refinement'),
+            ('intensity_refine', False,
+             'refine the PnP pose against a DRR and gate it by NCC (needs ct_path)'),
+            ('refine_time_budget_s', (gates.refine_time_budget_s, 0.0, 120.0),
+             'time budget of the intensity refinement (s)'),
             ('publish_overlay', True, 'publish ~/overlay when it has subscribers'),
             ('publish_inverse', False,
              'publish CT -> image frame on TF instead (when the CT frame has a parent)'),

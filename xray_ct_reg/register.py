@@ -4,9 +4,18 @@ The scene coordinate network predicts, for every pixel at its own resolution, wh
 ray enters and leaves the bone (CT mm) with an uncertainty. Pixels whose predicted sigma is
 small give 2D-3D correspondences (pixel centre at the network resolution, CT point); RANSAC-PnP
 (OpenCV USAC with MAGSAC++ scoring) finds the pose, Levenberg-Marquardt on the inliers polishes
-it and gives a covariance, and quality gates decide whether the pose may be used. The pose is
-``T_imager_ct`` in mm (see ``geometry``); resizing the image changes the intrinsics, never the
-pose. A bad pose never raises: the Result says ``accepted=False`` and why.
+it and gives a covariance, and quality gates decide whether the pose may be used.
+
+Two modes (``RegistrationConfig.intensity_refine``):
+
+- SCR only: the correspondence gates (``quality_gates``: inlier count, ratio, spread,
+  reprojection error) and the pose gates judge the PnP pose.
+- With intensity refinement: the PnP pose is only a starting point; it must pass the pose gates
+  (a physically possible view), ``refine.refine_pose`` aligns a DRR with the X-ray, and the
+  refined pose is judged by the pose gates and the image similarity (``intensity_gates``).
+
+The pose is ``T_imager_ct`` in mm (see ``geometry``); resizing the image changes the
+intrinsics, never the pose. A bad pose never raises: the Result says ``accepted=False`` and why.
 """
 from dataclasses import asdict, dataclass, field
 import json
@@ -44,7 +53,11 @@ class RegistrationConfig:
     seed: int = 0
     """Seed of the subsample and of RANSAC's sampler (registration is deterministic)."""
     min_correspondences: int = 12
-    """Fewer confident correspondences than this: reject without trying PnP."""
+    """Fewer correspondences than this: reject without trying PnP."""
+    min_points: int = 400
+    """When fewer pixels are confident, take this many of the least uncertain entry/exit points
+    anyway (views the network is unsure of, e.g. local or extreme ones); the gates judge the
+    outcome."""
     ransac_threshold_px: float = 20.0
     """RANSAC inlier threshold, px at the reference detector (the paper's 20 px at 1536)."""
     ransac_iterations: int = 1000
@@ -73,9 +86,16 @@ class RegistrationConfig:
     """Gate: maximum rotation (deg) of the view away from an AP view of a supine patient (the
     training views reach about 55 deg; the network knows nothing beyond)."""
     intensity_refine: bool = False
-    """Polish an accepted pose by intensity (NCC) against a DRR; needs the patient's CT."""
-    refine_time_budget_s: float = 3.0
+    """Refine the PnP pose by intensity (NCC) against a DRR and judge the refined pose by
+    ``min_ncc`` instead of the correspondence gates; needs the patient's CT."""
+    refine_time_budget_s: float = 10.0
     """Time budget of the intensity refinement (s)."""
+    min_ncc: float = 0.96
+    """Gate (with intensity refinement): minimum NCC between the X-ray's exposed pixels and the
+    DRR at the refined pose."""
+    min_exposed_fraction: float = 0.2
+    """Gate (with intensity refinement): minimum fraction of the image that shows anatomy (not
+    collimated or saturated) for the NCC to be trusted."""
 
 
 @dataclass
@@ -238,29 +258,16 @@ def inlier_spread(pixels, width, height):
     return float(min(pixels[:, 0].std() / width, pixels[:, 1].std() / height))
 
 
-def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intrinsics,
-                  bone_centroid, config=None, spread=1.0):
-    """Decide whether a pose may be used. Returns (accepted, reason; '' when accepted).
+def pose_gates(pose, intrinsics, bone_centroid, config=None):
+    """Is ``pose`` a physically possible C-arm view of the bones? Returns (accepted, reason).
 
-    ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
-    ``spread`` is ``inlier_spread`` of the inlier pixels. Checks, in order: a rigid finite
-    pose, inlier count, inlier ratio, inlier spread, reprojection error, bone centroid in front
-    of the source within the distance range, projecting inside the image (with margin), and the
-    view angle away from AP.
+    Checks, in order: a rigid finite pose, the bone centroid (3,) CT mm in front of the source
+    within the distance range, projecting inside the image (with margin), and the view angle
+    away from AP.
     """
     config = config or RegistrationConfig()
     if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
         return False, 'no valid pose'
-    if inlier_count < config.min_inliers:
-        return False, f'too few inliers: {inlier_count} < {config.min_inliers}'
-    if not inlier_ratio >= config.min_inlier_ratio:
-        return False, f'inlier ratio {inlier_ratio:.2f} < {config.min_inlier_ratio:.2f}'
-    if not spread >= config.min_inlier_spread:
-        return False, (f'inliers cluster in a small image region (spread {spread:.3f} < '
-                       f'{config.min_inlier_spread:.3f})')
-    max_error = scaled_px(config.max_reprojection_error_px, intrinsics.K, config)
-    if not reprojection_error_px <= max_error:
-        return False, (f'reprojection error {reprojection_error_px:.2f} px > {max_error:.2f} px')
     centroid = np.asarray(bone_centroid, dtype=float).reshape(1, 3)
     (u, v), = geometry.project_points(pose, intrinsics.K, centroid)[0]
     centroid_imager = geometry.transform_points(pose, centroid)[0]
@@ -281,6 +288,47 @@ def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intri
     if angle > config.max_angle_from_ap_deg:
         return False, f'view {angle:.0f} deg away from AP > {config.max_angle_from_ap_deg:.0f}'
     return True, ''
+
+
+def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intrinsics,
+                  bone_centroid, config=None, spread=1.0):
+    """Decide whether an SCR (PnP) pose may be used. Returns (accepted, reason; '' if accepted).
+
+    ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
+    ``spread`` is ``inlier_spread`` of the inlier pixels. Checks, in order: a rigid finite
+    pose, inlier count, inlier ratio, inlier spread, reprojection error, then ``pose_gates``.
+    """
+    config = config or RegistrationConfig()
+    if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
+        return False, 'no valid pose'
+    if inlier_count < config.min_inliers:
+        return False, f'too few inliers: {inlier_count} < {config.min_inliers}'
+    if not inlier_ratio >= config.min_inlier_ratio:
+        return False, f'inlier ratio {inlier_ratio:.2f} < {config.min_inlier_ratio:.2f}'
+    if not spread >= config.min_inlier_spread:
+        return False, (f'inliers cluster in a small image region (spread {spread:.3f} < '
+                       f'{config.min_inlier_spread:.3f})')
+    max_error = scaled_px(config.max_reprojection_error_px, intrinsics.K, config)
+    if not reprojection_error_px <= max_error:
+        return False, (f'reprojection error {reprojection_error_px:.2f} px > {max_error:.2f} px')
+    return pose_gates(pose, intrinsics, bone_centroid, config)
+
+
+def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
+    """Decide whether an intensity-refined pose may be used. Returns (accepted, reason).
+
+    ``refine_info`` is the info dict of ``refine.refine_pose``. Checks the exposed fraction of
+    the image, the NCC at the refined pose, then ``pose_gates``.
+    """
+    config = config or RegistrationConfig()
+    exposed = refine_info.get('exposed_fraction', 0.0)
+    if not exposed >= config.min_exposed_fraction:
+        return False, (f'too little anatomy visible for the intensity check ({exposed:.2f} of the '
+                       f'image < {config.min_exposed_fraction:.2f})')
+    similarity = refine_info.get('ncc_after', float('nan'))
+    if not similarity >= config.min_ncc:
+        return False, f'X-ray and DRR disagree: NCC {similarity:.3f} < {config.min_ncc:.3f}'
+    return pose_gates(pose, intrinsics, bone_centroid, config)
 
 
 # ----------------------------------------------------------------------------- registrar
@@ -323,9 +371,9 @@ def network_size(metadata, model):
 class Registrar:
     """Registers X-ray images to the CT a scene coordinate network was trained for.
 
-    ``patient`` (a ``ct.Patient``) is optional: it is needed only for intensity refinement; it
-    must be the checkpoint's CT (same ct_sha256). Without it, ``config.intensity_refine`` is
-    ignored.
+    ``patient`` (a ``ct.Patient``) is needed only for intensity refinement (ValueError when
+    ``config.intensity_refine`` is set without it); it must be the checkpoint's CT (same
+    ct_sha256).
     """
 
     def __init__(self, model, metadata, patient=None, config=None):
@@ -344,7 +392,9 @@ class Registrar:
         self.max_sigma_mm = float(self.config.max_sigma_mm or self.metadata.get(
             'confident_sigma_mm', DEFAULT_MAX_SIGMA_MM))
         self.projector = None  # the DRR projector of the CT, for intensity refinement
-        if patient is not None and self.config.intensity_refine:
+        if self.config.intensity_refine:
+            if patient is None:
+                raise ValueError('intensity refinement needs the CT the model was trained for')
             self.projector = drr.DRRProjector(patient.ct)
 
     @classmethod
@@ -358,20 +408,27 @@ class Registrar:
         """Confident 2D-3D pairs from a network prediction (batch of one).
 
         Returns (points_ct (N, 3) mm, pixels (N, 2) at the network resolution, candidates): the
-        entry and exit points of pixels whose sigma is below ``self.max_sigma_mm``, randomly
-        subsampled to ``config.max_correspondences``; ``candidates`` counts them before that.
+        entry and exit points whose sigma is below ``self.max_sigma_mm`` (at least the
+        ``config.min_points`` least uncertain ones), randomly subsampled to
+        ``config.max_correspondences``; ``candidates`` counts them before that.
         """
-        max_log_sigma = np.log(self.max_sigma_mm)
         width, height = self.network_size
-        centres = geometry.pixel_centers(width, height)
-        points, pixels = [], []
+        centres = geometry.pixel_centers(width, height).reshape(-1, 2)
+        points, pixels, log_sigmas = [], [], []
         for surface in ('entry', 'exit'):
-            coordinates = prediction[f'{surface}_mm'][0].detach().cpu().numpy()
-            log_sigma = prediction[f'{surface}_log_sigma'][0].detach().cpu().numpy()
-            confident = (log_sigma < max_log_sigma) & np.all(np.isfinite(coordinates), axis=-1)
-            points.append(coordinates[confident])
-            pixels.append(centres[confident])
+            points.append(prediction[f'{surface}_mm'][0].detach().cpu().numpy().reshape(-1, 3))
+            log_sigmas.append(
+                prediction[f'{surface}_log_sigma'][0].detach().cpu().numpy().reshape(-1))
+            pixels.append(centres)
         points, pixels = np.concatenate(points).astype(float), np.concatenate(pixels)
+        log_sigma = np.concatenate(log_sigmas)
+        finite = np.all(np.isfinite(points), axis=1) & np.isfinite(log_sigma)
+        points, pixels, log_sigma = points[finite], pixels[finite], log_sigma[finite]
+        confident = log_sigma < np.log(self.max_sigma_mm)
+        if confident.sum() < self.config.min_points:
+            confident = np.zeros(len(points), dtype=bool)
+            confident[np.argsort(log_sigma)[:self.config.min_points]] = True
+        points, pixels = points[confident], pixels[confident]
         candidates = len(points)
         if candidates > self.config.max_correspondences:
             keep = rng.choice(candidates, self.config.max_correspondences, replace=False)
@@ -431,18 +488,29 @@ class Registrar:
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
                       covariance=covariance, num_candidates=candidates, info=info)
-        accepted, reason = quality_gates(pose, fields['inlier_count'], fields['inlier_ratio'],
-                                         error_px, intrinsics, self.bone_centroid, config,
-                                         spread=spread)
+        if not config.intensity_refine:
+            accepted, reason = quality_gates(pose, fields['inlier_count'],
+                                             fields['inlier_ratio'], error_px, intrinsics,
+                                             self.bone_centroid, config, spread=spread)
+            if not accepted:
+                return rejected(reason, **fields)
+            timings['total'] = 1e3 * (time.perf_counter() - start)
+            return Result(accepted=True, timings_ms=timings, **fields)
+
+        # The PnP pose only starts the intensity refinement, but it must be a possible view.
+        accepted, reason = pose_gates(pose, intrinsics, self.bone_centroid, config)
+        if not accepted:
+            return rejected(f'PnP start: {reason}', **fields)
+        tick = time.perf_counter()
+        info['scr_pose'] = pose
+        fields['pose'], info['intensity_refine'] = refine.refine_pose(
+            self.projector, image, intrinsics, pose, time_budget_s=config.refine_time_budget_s,
+            centre_ct=self.bone_centroid)
+        timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
+        accepted, reason = intensity_gates(fields['pose'], info['intensity_refine'], intrinsics,
+                                           self.bone_centroid, config)
         if not accepted:
             return rejected(reason, **fields)
-
-        if config.intensity_refine and self.projector is not None:
-            tick = time.perf_counter()
-            fields['pose'], info['intensity_refine'] = refine.refine_pose(
-                self.projector, image, intrinsics, pose, time_budget_s=config.refine_time_budget_s,
-                centre_ct=self.bone_centroid)
-            timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
         timings['total'] = 1e3 * (time.perf_counter() - start)
         return Result(accepted=True, timings_ms=timings, **fields)
 

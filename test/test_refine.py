@@ -1,0 +1,76 @@
+"""Intensity refinement: the exposed-pixel mask, masked NCC and convergence against a DRR."""
+import numpy as np
+import pytest
+import torch
+
+from xray_ct_reg import geometry, refine
+
+
+def test_exposed_mask_drops_shutters_and_keeps_anatomy():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    anatomy = 0.5 + 0.3 * np.sin(xx / 5.0) * np.cos(yy / 7.0) + 0.02 * rng.standard_normal(
+        (96, 96))
+    image = anatomy.copy()
+    image[:, :20] = 0.02 + 0.003 * rng.standard_normal((96, 20))  # shutter, no exposure
+    mask = refine.exposed_mask(image)
+    assert not mask[:, :18].any()
+    assert mask[:, 30:].mean() > 0.95
+    assert refine.exposed_mask(anatomy).mean() > 0.95
+    # polarity does not matter: a bright shutter on an inverted image is found too
+    assert not refine.exposed_mask(1.0 - image)[:, :18].any()
+
+
+def test_masked_ncc_ignores_pixels_outside_the_mask():
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(rng.random((32, 32)))
+    b = 3.0 * a + 1.0
+    b[:, :8] = torch.from_numpy(rng.random((32, 8)))
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    mask[:, :8] = False
+    assert float(refine.ncc(a, b, mask)) == pytest.approx(1.0)
+    assert float(refine.ncc(a, b)) < 0.99
+    assert float(refine.ncc(a, -b, mask)) == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope='module')
+def patient():
+    from xray_ct_reg import ct
+    return ct.load_patient('example')
+
+
+@pytest.mark.parametrize('polarity', ['bright_bone', 'dark_bone'])
+def test_refinement_recovers_a_perturbed_pose(patient, polarity):
+    """From 10 mm and 3 deg off: within 1 mm projected distance and 5 mm mTRE, higher NCC.
+
+    Depth along the beam is the weak direction of one view: with the appearance drawn here
+    (gamma, exponential contrast, noise) the NCC optimum sits about 3 mm off in depth, while
+    the projected error is sub-millimetre (measured 2026-11-25).
+    """
+    from xray_ct_reg import drr, simulate
+    projector = drr.DRRProjector(patient.ct)
+    rng = np.random.default_rng(3)
+    truth = geometry.carm_pose(patient.bone_centroid, lao_deg=10.0, cranial_deg=-5.0)
+    intrinsics = geometry.default_intrinsics(128)
+    image = simulate.xray_appearance(projector.render(truth, intrinsics), rng, polarity=polarity)
+    perturbation = geometry.pose_from_rotvec(np.radians([2.0, -1.5, 1.5]), [6.0, -5.0, 6.0])
+    start = geometry.compose(perturbation, truth)
+    assert geometry.mtre(start, truth, patient.targets) > 8.0
+    refined, info = refine.refine_pose(projector, image, intrinsics, start,
+                                       centre_ct=patient.bone_centroid)
+    assert geometry.projected_distance_mm(refined, truth, patient.targets, intrinsics) < 1.0
+    assert geometry.mtre(refined, truth, patient.targets) < 5.0
+    assert info['improved'] and info['ncc_after'] > max(info['ncc_before'], 0.96)
+    assert info['polarity'] == (1.0 if polarity == 'bright_bone' else -1.0)
+    assert info['exposed_fraction'] > 0.5  # no shutters; only saturated areas are dropped
+
+
+def test_refinement_of_a_blank_image_keeps_the_pose(patient):
+    from xray_ct_reg import drr
+    projector = drr.DRRProjector(patient.ct)
+    start = geometry.carm_pose(patient.bone_centroid)
+    refined, info = refine.refine_pose(projector, np.zeros((64, 64)),
+                                       geometry.default_intrinsics(64), start)
+    np.testing.assert_array_equal(refined, start)
+    assert not info['improved'] and info['exposed_fraction'] == 0.0
+    assert not np.isfinite(info['ncc_after'])
