@@ -18,7 +18,7 @@ from xray_ct_reg import geometry, ros_io
 MODEL = REPO / 'models' / 'chest_example.pt'
 PARAMS = REPO / 'config' / 'registration.yaml'
 NODE = '/' + NODE_EXECUTABLE
-MTRE_BOUND_MM = 10.0          # a published pose must never be a gross failure
+MTRE_BOUND_MM = 2.0           # accepted poses of the refined default config (measured < 0.4)
 STREAM_SECONDS = 20.0
 STREAM_RATE_HZ = 30.0
 RSS_GROWTH_BOUND_MB = 60.0
@@ -189,72 +189,58 @@ def harness(colcon_install, colcon_env, rclpy_context):
         each.close()
 
 
-# Gates opened wide: the committed model is too coarse for its poses to pass the real gates
-# (test_rejected_frames_publish_nothing checks those), and this test is about what the node
-# publishes for an accepted frame.
-OPEN_GATES = {'min_inliers': 6, 'min_inlier_ratio': 0.0, 'min_inlier_spread': 0.0,
-              'max_reprojection_error_px': 500.0, 'min_source_distance_mm': 0.0,
-              'max_source_distance_mm': 5000.0, 'image_margin': 10.0,
-              'max_angle_from_ap_deg': 180.0}
-
-
 @needs_model
-def test_tf_carries_the_registrar_pose_with_the_image_frame_and_stamp(harness, frames, patient):
-    import torch
+def test_tf_pose_is_accurate_with_the_image_frame_and_stamp(harness, frames, patient):
+    """Default config (intensity refinement, NCC gate): TF carries accurate poses.
 
-    from xray_ct_reg.register import Registrar, RegistrationConfig
-    node = harness(MODEL, *(arg for name, value in OPEN_GATES.items()
-                            for arg in ('-p', f'{name}:={value}')))
+    Measured on these frames offline (2026-11-25): mTRE 0.22 and 0.36 mm accepted; the third
+    refined to 0.74 mm but its NCC 0.958 fell just short of the 0.96 gate and was rejected.
+    """
+    node = harness(MODEL)
     node.wait_ready()
     published = {}
     for frame in frames:
         stamp = node.publish(frame.image, frame.intrinsics)
         published[stamp] = frame
         node.wait_diag(lambda _l, _m, v: int(v['accepted']) + int(v['rejected'])
-                       + int(v['errors']) >= len(published))
+                       + int(v['errors']) >= len(published), seconds=90.0)
     node.spin(1.0)
-    assert node.tf, f'no TF published; diagnostics: {node.diagnostics[-1]}'
+    _, _, values = node.diag()
+    assert len(node.tf) >= 2, f'fewer than 2 of 3 frames accepted; diagnostics: {values}'
+    assert int(values['accepted']) == len(node.tf) == len(node.poses)
     stamps = [ros_io.stamp_to_ns(t.header.stamp) for _, t in node.tf]
     assert len(stamps) == len(set(stamps)), 'the same stamp was published twice'
-    torch.set_num_threads(1)  # as the node's worker (inference_threads: 1)
-    offline = Registrar.from_checkpoint(MODEL, config=RegistrationConfig(**OPEN_GATES))
+    poses = {ros_io.stamp_to_ns(p.header.stamp): p for p in node.poses}
     for _, transform in node.tf:
         assert transform.header.frame_id == 'carm' and transform.child_frame_id == 'ct'
         stamp = ros_io.stamp_to_ns(transform.header.stamp)
-        assert stamp in published
         frame = published[stamp]
-        expected = offline.register(frame.image, frame.intrinsics)
-        assert expected.accepted
         tf_pose = ros_io.transform_msg_to_pose(transform)
-        # the node publishes exactly the registrar's pose (metres on the wire)...
-        assert geometry.mtre(tf_pose, expected.pose, patient.targets) < 1e-3
-        # ...so its error against the true pose is the registrar's, measured offline
         error = geometry.mtre(tf_pose, frame.pose, patient.targets)
-        assert abs(error - geometry.mtre(expected.pose, frame.pose, patient.targets)) < 1e-3
-    assert len(node.poses) == len(node.tf)
-    assert all(p.header.frame_id == 'carm' for p in node.poses)
+        assert error < MTRE_BOUND_MM, f'published pose has mTRE {error:.2f} mm'
+        pose_msg = poses[stamp]
+        assert pose_msg.header.frame_id == 'carm'
+        position = pose_msg.pose.pose.position
+        np.testing.assert_allclose([position.x, position.y, position.z],
+                                   tf_pose[:3, 3] / 1000.0, atol=1e-9)
 
 
 @needs_model
 def test_rejected_frames_publish_nothing(harness, frames, patient):
-    """With the default gates, a pose that is a gross failure is never published."""
+    """Frames whose pose fails the gates (noise images) publish no TF and no pose, a reason."""
     node = harness(MODEL)
     node.wait_ready()
-    published = {}
-    for frame in frames:
-        published[node.publish(frame.image, frame.intrinsics)] = frame
-        node.wait_diag(lambda _l, _m, v: int(v['accepted']) + int(v['rejected'])
-                       + int(v['errors']) >= len(published))
+    rng = np.random.default_rng(5)
+    for count in (1, 2):
+        noise = rng.integers(0, 65535, frames[0].image.shape).astype(np.uint16)
+        node.publish(noise, frames[0].intrinsics)
+        node.wait_diag(lambda _l, _m, v, n=count: int(v['rejected']) + int(v['errors']) >= n,
+                       seconds=90.0)
     node.spin(1.0)
     _, _, values = node.diag()
-    assert int(values['accepted']) == len(node.tf) == len(node.poses)
-    for _, transform in node.tf:
-        frame = published[ros_io.stamp_to_ns(transform.header.stamp)]
-        error = geometry.mtre(ros_io.transform_msg_to_pose(transform), frame.pose,
-                              patient.targets)
-        assert error < MTRE_BOUND_MM, f'published pose has mTRE {error:.1f} mm'
-    if int(values['rejected']):
-        assert values['last_reason'], values
+    assert int(values['accepted']) == 0 and int(values['rejected']) == 2, values
+    assert not node.tf and not node.poses
+    assert values['last_reason'], values
 
 
 def test_lifecycle_transitions(harness, frames, untrained_model):
@@ -363,7 +349,9 @@ def test_stream_30hz_1024_memory_and_latency(harness, patient, untrained_model):
     model = MODEL if MODEL.is_file() else untrained_model
     poses = sim_carm.sample_poses(patient, 2, seed=3)
     stream = sim_carm.render_frames(patient, poses, size=1024, render_size=256, seed=3)
-    node = harness(model)
+    # SCR only: the stream tests transport and the latest-frame mailbox at the network's rate
+    # (with refinement each frame takes seconds and the mailbox simply drops more).
+    node = harness(model, '-p', 'intensity_refine:=false')
     node.wait_ready()
     process = psutil.Process(node.proc.pid)
     from std_msgs.msg import Header
