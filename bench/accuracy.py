@@ -1,9 +1,11 @@
 """Accuracy of the committed model on held-out simulated views.
 
-SCR only, and with intensity refinement on a subset. Prints the tables and writes
+SCR only, and with intensity refinement (the node's default) on the first views of the same
+test set. Views are simulated at --size px (default 128, twice the network's input, as a
+detector image is larger than the network input). Prints the tables and writes
 bench/results/accuracy.json.
 
-    .venv/bin/python bench/accuracy.py [--model models/chest_example.pt] [-n 20] [--refine-n 4]
+    .venv/bin/python bench/accuracy.py [--model models/chest_example.pt] [-n 20] [--refine-n 10]
 """
 import argparse
 import json
@@ -21,7 +23,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'))
     parser.add_argument('-n', '--n-per-group', type=int, default=20)
-    parser.add_argument('--refine-n', type=int, default=4,
+    parser.add_argument('--size', type=int, default=128, help='simulated image size (px)')
+    parser.add_argument('--refine-n', type=int, default=10,
                         help='views per group with intensity refinement (0: skip)')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     args = parser.parse_args()
@@ -33,6 +36,7 @@ def main():
         if n <= 0:
             continue
         report = evaluate.evaluate(args.model, patient, n_per_group=n, intensity_refine=refine,
+                                   size=args.size,
                                    out_dir=out / f'accuracy_{name.replace("+", "_")}')
         print(f'\n== {name}: {n} views per group, seed {report["seed"]}, '
               f'{report["size"]} px ==')

@@ -3,7 +3,10 @@
 Runs the node and a 30 Hz simulated C-arm stream in this process over real rclpy (run it in the
 sandbox: ``scripts/ros_sandbox.sh .venv/bin/python bench/node.py``). Latency is measured from
 the image stamp to the TF's arrival at a separate listener node; throughput is processed frames
-per second. Prints a table and writes bench/results/node.json.
+per second. Prints a table and writes bench/results/node.json (SCR only, node defaults) or,
+with ``--refine``, bench/results/node_refine.json (config/registration.yaml's mode: intensity
+refinement against the embedded CT; each frame then takes seconds, so run it longer, e.g.
+``--seconds 60``).
 """
 import argparse
 import json
@@ -22,8 +25,13 @@ def main():
     parser.add_argument('--rate', type=float, default=30.0)
     parser.add_argument('--size', type=int, default=1024)
     parser.add_argument('--model', default=None)
-    parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'node.json'))
+    parser.add_argument('--refine', action='store_true',
+                        help='intensity refinement against the embedded CT (the YAML default)')
+    parser.add_argument('--out', default=None, help='JSON path (default: bench/results/'
+                                                     'node.json, node_refine.json with --refine)')
     args = parser.parse_args()
+    results_dir = Path(__file__).parent / 'results'
+    args.out = args.out or str(results_dir / ('node_refine.json' if args.refine else 'node.json'))
 
     import rclpy
     from rclpy.context import Context
@@ -45,7 +53,9 @@ def main():
     context = Context()
     rclpy.init(context=context)
     node = RegistrationNode(context=context, parameter_overrides=[
-        Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False)])
+        Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
+        Parameter('intensity_refine', value=args.refine),
+        Parameter('ct_path', value='example' if args.refine else '')])
     done = []
     node.result_callback = lambda stamp, verdict, reason, result: done.append(
         (stamp, verdict, time.time_ns(), result.timings_ms if result else {}))
@@ -90,6 +100,7 @@ def main():
              for s, pose in listener.poses.items() if s in truths]
     results = {
         'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count()},
+        'intensity_refine': args.refine,
         'input': {'size': args.size, 'encoding': 'mono16', 'rate_hz': args.rate,
                   'seconds': args.seconds, 'sent': sent},
         'model': str(model),

@@ -180,6 +180,9 @@ def add_replay_arguments(parser):
                         help='storage of --out-bag')
     parser.add_argument('--through-node', action='store_true',
                         help='feed the frames through the ROS node (in this process) instead')
+    parser.add_argument('--refine', action='store_true',
+                        help='intensity refinement and its NCC gate (needs --ct), as the node '
+                             'config does')
 
 
 def _frame_intrinsics(frame, sdd_mm):
@@ -263,10 +266,13 @@ def summarize_records(records):
 def run_replay(args):
     """Replay a bag through the Registrar (or the node) and report per frame."""
     from xray_ct_reg import node as ros_node
-    from xray_ct_reg.register import Registrar
+    from xray_ct_reg.register import Registrar, RegistrationConfig
     model = args.model or ros_node.default_model_path()
     if not model:
         print('no model given and no committed models/chest_example.pt found')
+        return 2
+    if args.refine and not args.ct:
+        print('--refine needs --ct (the CT the model was trained for)')
         return 2
     patient = None
     if args.ct:
@@ -275,10 +281,12 @@ def run_replay(args):
     frames = read_frames(args.bag)
     if args.through_node:
         from xray_ct_reg import demo
-        outcomes = demo.register_through_node(frames, model, args.ct or '', args.sdd_mm)
+        outcomes = demo.register_through_node(frames, model, args.ct or '', args.sdd_mm,
+                                              intensity_refine=args.refine)
     else:
-        outcomes = register_offline(frames, Registrar.from_checkpoint(model, patient=patient),
-                                    args.sdd_mm)
+        config = RegistrationConfig(intensity_refine=args.refine)
+        outcomes = register_offline(
+            frames, Registrar.from_checkpoint(model, patient=patient, config=config), args.sdd_mm)
     targets = patient.targets if patient is not None else None
     records = [frame_record(i, frame, result, error, targets)
                for i, (frame, (result, error)) in enumerate(zip(frames, outcomes, strict=True))]

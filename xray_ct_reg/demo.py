@@ -2,8 +2,9 @@
 
 ``xray-ct-reg demo`` renders ``--frames`` views of the example chest CT, publishes them with the
 ``simulated_carm`` node, registers them with ``xray_ct_reg_node`` (both nodes in this process,
-talking over DDS), listens on ``/tf`` like any other ROS node, and prints per frame the mTRE
-against the true pose and the latency from the image stamp to the TF's arrival. It ends with a
+talking over DDS; intensity refinement on, as in config/registration.yaml), listens on ``/tf``
+like any other ROS node, and prints per frame the mTRE against the true pose and the latency
+from the image stamp to the TF's arrival. It ends with a
 summary table and writes overlay PNGs (estimated bone outline on the X-ray) to ``--out``.
 Run it in the loopback-only sandbox (``make demo``).
 """
@@ -51,7 +52,8 @@ def _spin_in_background(executor):
     return thread
 
 
-def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_FUSION_SDD_MM):
+def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_FUSION_SDD_MM,
+                          intensity_refine=False):
     """Feed bag frames (``bag.read_frames``) one by one through the node, in this process.
 
     Each frame waits for the node's verdict before the next is sent, so none is dropped.
@@ -81,6 +83,7 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     overrides = [Parameter('model_path', value=str(model_path)),
                  Parameter('ct_path', value=str(ct_path)), Parameter('sdd_mm', value=sdd_mm),
                  Parameter('image_qos', value='reliable'),
+                 Parameter('intensity_refine', value=bool(intensity_refine)),
                  Parameter('publish_overlay', value=False)]
     node = RegistrationNode(context=context, parameter_overrides=overrides)
     node.result_callback = on_result
@@ -152,10 +155,13 @@ def _feed_one(frame, image_pub, info_pub, listener, verdicts, done, header_type)
 # ----------------------------------------------------------------------------- CLI
 def add_demo_arguments(parser):
     """Arguments of ``xray-ct-reg demo``."""
-    parser.add_argument('--frames', type=int, default=10, help='number of simulated frames')
+    parser.add_argument('--frames', type=int, default=8, help='number of simulated frames')
     parser.add_argument('--out', default='runs/demo', help='folder for overlays and summary')
     parser.add_argument('--size', type=int, default=256, help='image size (px)')
-    parser.add_argument('--rate', type=float, default=1.0, help='C-arm frame rate (Hz)')
+    parser.add_argument('--rate', type=float, default=0.2,
+                        help='C-arm frame rate (Hz); a refined registration takes ~5 s')
+    parser.add_argument('--no-refine', action='store_true',
+                        help='SCR only (no intensity refinement against the CT)')
     parser.add_argument('--seed', type=int, default=1, help='pose sampler seed')
     parser.add_argument('--model', default=None,
                         help='checkpoint (default: the committed models/chest_example.pt)')
@@ -191,7 +197,10 @@ def run_demo(args):
             Parameter('pool_size', value=args.frames), Parameter('max_frames', value=args.frames),
             Parameter('seed', value=args.seed)])
         node = RegistrationNode(context=context, parameter_overrides=[
-            Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False)])
+            Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
+            Parameter('ct_path', value='example'),
+            Parameter('intensity_refine', value=not args.no_refine),
+            Parameter('inference_threads', value=2)])
         verdicts = {}
         node.result_callback = lambda stamp, verdict, reason, _: verdicts.update(
             {stamp: (verdict, reason)})
