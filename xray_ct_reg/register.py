@@ -107,7 +107,10 @@ class Result:
     image. ``covariance`` is 6x6 in the order x y z rx ry rz (mm, rad): translation of the pose,
     then a small rotation about the imager axes applied on the left. It comes from the
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
-    relative confidence, not as a calibrated error bound.
+    relative confidence, not as a calibrated error bound. With intensity refinement it is still
+    the PnP stage's (the refined pose is usually far better); ``info`` then holds ``scr_pose``
+    (the PnP start) and ``intensity_refine`` (``refine.refine_pose``'s info: NCC before/after,
+    exposed fraction, iterations).
     """
 
     pose: np.ndarray | None
