@@ -62,6 +62,7 @@ def test_refinement_recovers_a_perturbed_pose(patient, polarity):
     assert geometry.mtre(refined, truth, patient.targets) < 5.0
     assert info['improved'] and info['ncc_after'] > max(info['ncc_before'], 0.96)
     assert info['polarity'] == (1.0 if polarity == 'bright_bone' else -1.0)
+    assert info['depth_margin'] > 0.0  # converged: NCC peaks along the beam
     assert info['exposed_fraction'] > 0.5  # no shutters; only saturated areas are dropped
 
 

@@ -119,12 +119,14 @@ def test_gates_reject_a_view_far_from_ap():
 
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
-    good = {'ncc_after': 0.99, 'exposed_fraction': 0.8}
+    good = {'ncc_after': 0.99, 'exposed_fraction': 0.8, 'depth_margin': 0.002}
     assert intensity_gates(truth, good, intrinsics, centre) == (True, '')
     accepted, why = intensity_gates(truth, dict(good, ncc_after=0.9), intrinsics, centre)
     assert not accepted and 'NCC 0.900' in why
     accepted, why = intensity_gates(truth, dict(good, ncc_after=float('nan')), intrinsics, centre)
     assert not accepted and 'NCC' in why
+    accepted, why = intensity_gates(truth, dict(good, depth_margin=-0.001), intrinsics, centre)
+    assert not accepted and 'depth' in why
     accepted, why = intensity_gates(truth, dict(good, exposed_fraction=0.05), intrinsics, centre)
     assert not accepted and 'anatomy' in why
     far = geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth)
@@ -267,12 +269,14 @@ def test_model_rejects_blank_and_noise_images(registrar, refining_registrar, mod
 
 POLARITY_SEEDS = {'bright_bone': 1, 'dark_bone': 2}
 # Measured on these views (2026-11-25): refined full views 0.26-0.48 mm mTRE, all accepted;
-# the 5/8 crops were all rejected (SCR starts 57-350 mm off, NCC 0.75-0.93 after refinement).
+# of the 3/4 crops, one per polarity was accepted (3.84 and 2.39 mm, mostly depth along the
+# beam), two were rejected by the depth check (6.3 and 14.0 mm off) and two by the NCC gate.
 REFINED_BOUND_MM = 2.0
+REFINED_CROP_BOUND_MM = 5.0
 
 
 def _fresh_views(simulator, registrar, polarity):
-    """Three fresh full views (seed never used in training) and a 5/8 crop of each."""
+    """Three fresh full views (seed never used in training) and a central 3/4 crop of each."""
     from xray_ct_reg import simulate
     size = registrar.network_size[0] * 2
     rng = np.random.default_rng([20231001, 99, POLARITY_SEEDS[polarity]])
@@ -281,7 +285,8 @@ def _fresh_views(simulator, registrar, polarity):
                                           collimation_fraction=0.0)
         intrinsics = geometry.Intrinsics(sample['K'], size, size, sample['sdd_mm'])
         image = simulate.xray_appearance(sample['line_integral'], rng, polarity=polarity)
-        x0, y0, side = size // 8, size // 5, size * 5 // 8
+        x0 = y0 = size // 8
+        side = size * 3 // 4
         yield 'full', image, intrinsics, sample['pose']
         yield ('crop', image[y0:y0 + side, x0:x0 + side], intrinsics.crop(x0, y0, side, side),
                sample['pose'])
@@ -306,10 +311,12 @@ def test_scr_only_never_accepts_a_gross_failure(registrar, simulator, patient, p
 
 @pytest.mark.parametrize('polarity', ['bright_bone', 'dark_bone'])
 def test_refined_registration_of_fresh_views(refining_registrar, simulator, patient, polarity):
-    """Refined: every full view registers below REFINED_BOUND_MM, no accepted pose is worse.
+    """Refined: full views register below REFINED_BOUND_MM, a crop below the crop bound.
 
-    Crops may be rejected (the network is weak on them) but never accepted off the bound.
+    No accepted pose is worse than its bound; crops may be rejected (the network is weak on
+    them), but one per polarity must register.
     """
+    crops_accepted = 0
     for kind, image, intrinsics, truth in _fresh_views(simulator, refining_registrar, polarity):
         result = refining_registrar.register(image, intrinsics)
         error = (geometry.mtre(result.pose, truth, patient.targets) if result.pose is not None
@@ -317,7 +324,10 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
         if kind == 'full':
             assert result.accepted, result.reason
         if result.accepted:
-            assert error < REFINED_BOUND_MM, (kind, error, result.info)
+            bound = REFINED_BOUND_MM if kind == 'full' else REFINED_CROP_BOUND_MM
+            assert error < bound, (kind, error, result.info)
             assert result.info['intensity_refine']['ncc_after'] >= 0.96
+            crops_accepted += kind == 'crop'
         else:
             assert result.reason
+    assert crops_accepted >= 1, 'no local crop registered'

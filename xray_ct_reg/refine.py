@@ -27,6 +27,9 @@ from xray_ct_reg import geometry, model
 RADIUS_MM = 100.0
 # Adam step (mm-like units) per level, coarse to fine.
 LEARNING_RATES = (2.0, 0.5)
+# Depth probe (mm): the refined pose is compared with itself shifted this far towards and away
+# from the source; along the beam is the weakest direction of a single view.
+DEPTH_PROBE_MM = 10.0
 # exposed_mask: window (px), largest local std of a flat region and how close to either end of
 # the (robust) grey range its level must be, as fractions of that range.
 FLAT_WINDOW_PX = 5
@@ -104,9 +107,11 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the most Adam steps
     per level; the whole refinement stops after ``time_budget_s``. ``centre_ct`` (CT mm) is the
     rotation centre (default: the point 620 mm along the central ray). Returns (pose, info) with
-    info = {ncc_before, ncc_after (of the returned pose), iterations, time_s, polarity,
-    improved, exposed_fraction} (NCC at the finest level over its exposed pixels; polarity +1
-    when the X-ray is bright-bone like the DRR).
+    info = {ncc_before, ncc_after (of the returned pose), depth_margin, iterations, time_s,
+    polarity, improved, exposed_fraction} (NCC at the finest level over its exposed pixels;
+    polarity +1 when the X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the
+    NCC of the pose shifted DEPTH_PROBE_MM either way along the beam, <= 0 when the NCC still
+    rises along the beam, i.e. depth has not converged).
     """
     start = time.perf_counter()
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
@@ -123,7 +128,8 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     finest, finest_mask, finest_intrinsics = targets[-1]
     info = {'exposed_fraction': float(finest_mask.double().mean()), 'iterations': 0}
     if finest_mask.sum() < 16:
-        info.update(ncc_before=float('nan'), ncc_after=float('nan'), polarity=0.0,
+        info.update(ncc_before=float('nan'), ncc_after=float('nan'),
+                    depth_margin=float('nan'), polarity=0.0,
                     improved=False, time_s=time.perf_counter() - start)
         return np.asarray(pose, dtype=float), info
     with torch.no_grad():
@@ -151,6 +157,18 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
                                          .double(), finest, finest_mask))
     improved = ncc_after > ncc_before
     refined = candidate.numpy() if improved else np.asarray(pose, dtype=float)
-    info.update(ncc_before=ncc_before, ncc_after=ncc_after if improved else ncc_before,
+    with torch.no_grad():
+        # the ray from the source through the rotation centre, at the refined pose
+        beam = (centre_imager if centre_ct is None else torch.as_tensor(
+            geometry.transform_points(refined, centre_ct)[0]))
+        beam = beam / beam.norm()
+        probes = []
+        for sign in (-1.0, 1.0):
+            shifted = torch.as_tensor(refined).clone()
+            shifted[:3, 3] += sign * DEPTH_PROBE_MM * beam
+            probes.append(float(polarity * ncc(projector.render_torch(shifted, finest_intrinsics)
+                                               .double(), finest, finest_mask)))
+    final = ncc_after if improved else ncc_before
+    info.update(ncc_before=ncc_before, ncc_after=final, depth_margin=final - max(probes),
                 polarity=polarity, improved=improved, time_s=time.perf_counter() - start)
     return refined, info

@@ -321,7 +321,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
     """Decide whether an intensity-refined pose may be used. Returns (accepted, reason).
 
     ``refine_info`` is the info dict of ``refine.refine_pose``. Checks the exposed fraction of
-    the image, the NCC at the refined pose, then ``pose_gates``.
+    the image, the NCC at the refined pose, that the NCC peaks there along the beam (the weak
+    direction of one view: a pose still climbing in depth is unconverged), then ``pose_gates``.
     """
     config = config or RegistrationConfig()
     exposed = refine_info.get('exposed_fraction', 0.0)
@@ -331,6 +332,9 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
     similarity = refine_info.get('ncc_after', float('nan'))
     if not similarity >= config.min_ncc:
         return False, f'X-ray and DRR disagree: NCC {similarity:.3f} < {config.min_ncc:.3f}'
+    if not refine_info.get('depth_margin', float('nan')) > 0.0:
+        return False, ('depth along the beam not converged: the NCC still rises '
+                       f'{refine.DEPTH_PROBE_MM:.0f} mm towards or away from the source')
     return pose_gates(pose, intrinsics, bone_centroid, config)
 
 
