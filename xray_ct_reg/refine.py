@@ -10,9 +10,10 @@ one unit of either parameter moves the bone by about a millimetre.
 Only exposed pixels count (``exposed_mask``): collimator shutters and detector saturation give
 flat regions at an end of the grey range that carry no anatomy and would pull the NCC down.
 
-Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so the sign
-of the X-ray is chosen by its correlation with the DRR at the starting pose. The refined pose
-replaces the start only when the NCC at the finest level improved. The final NCC is what the
+Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
+signs climb briefly at the coarsest level and the better one goes on (the sign of the NCC at a
+start far from the truth is unreliable). The refined pose replaces the start only when the NCC
+at the finest level improved. The final NCC is what the
 registrar's intensity gate (``RegistrationConfig.min_ncc``) judges.
 """
 import time
@@ -27,9 +28,15 @@ from xray_ct_reg import geometry, model
 RADIUS_MM = 100.0
 # Adam step (mm-like units) per level, coarse to fine.
 LEARNING_RATES = (2.0, 0.5)
-# Depth probe (mm): the refined pose is compared with itself shifted this far towards and away
-# from the source; along the beam is the weakest direction of a single view.
+# Along the beam is the weakest direction of a single view. After the levels, the pose is
+# searched at these offsets (mm) along the beam and polished with POLISH_STEPS at the finest
+# level; the result is then compared with itself shifted DEPTH_PROBE_MM towards and away from
+# the source (the gate's convergence check).
+DEPTH_SEARCH_MM = (-24.0, -16.0, -8.0, 0.0, 8.0, 16.0, 24.0)
+POLISH_STEPS = 10
 DEPTH_PROBE_MM = 10.0
+# Adam steps both image polarities take at the coarsest level before the better one goes on.
+POLARITY_TRIAL_STEPS = 15
 # exposed_mask: window (px), largest local std of a flat region and how close to either end of
 # the (robust) grey range its level must be, as fractions of that range.
 FLAT_WINDOW_PX = 5
@@ -100,20 +107,56 @@ def _level_target(image, mask, intrinsics, size):
     return target, exposed, small_intrinsics
 
 
+def _similarity(projector, pose, level, polarity):
+    """Masked NCC (times ``polarity``) of the DRR at ``pose`` with a level's target, no grad."""
+    target, exposed, level_intrinsics = level
+    with torch.no_grad():
+        return float(polarity * ncc(projector.render_torch(pose, level_intrinsics).double(),
+                                    target, exposed))
+
+
+def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadline, delta=None):
+    """Adam ascent of the NCC over a perturbation of ``pose``; returns (delta, steps taken)."""
+    target, exposed, level_intrinsics = level
+    if delta is None:
+        delta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=rate)
+    taken = 0
+    while taken < steps and time.perf_counter() < deadline:
+        optimiser.zero_grad()
+        rendered = projector.render_torch(_perturbed_pose(pose, delta, centre_imager),
+                                          level_intrinsics).double()
+        (-polarity * ncc(rendered, target, exposed)).backward()
+        optimiser.step()
+        taken += 1
+    return delta, taken
+
+
+def _along_beam(pose, centre_imager, offset_mm):
+    """``pose`` moved ``offset_mm`` along the ray from the source through the centre."""
+    beam = centre_imager / centre_imager.norm()
+    moved = pose.clone()
+    moved[:3, 3] = moved[:3, 3] + offset_mm * beam
+    return moved
+
+
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(32, 64),
                 iterations=(60, 30), centre_ct=None):
     """Refine ``pose`` (T_imager_ct) by masked NCC between ``image`` and DRRs, coarse to fine.
 
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the most Adam steps
     per level; the whole refinement stops after ``time_budget_s``. ``centre_ct`` (CT mm) is the
-    rotation centre (default: the point 620 mm along the central ray). Returns (pose, info) with
-    info = {ncc_before, ncc_after (of the returned pose), depth_margin, iterations, time_s,
-    polarity, improved, exposed_fraction} (NCC at the finest level over its exposed pixels;
-    polarity +1 when the X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the
-    NCC of the pose shifted DEPTH_PROBE_MM either way along the beam, <= 0 when the NCC still
-    rises along the beam, i.e. depth has not converged).
+    rotation centre (default: the point 620 mm along the central ray). Steps: both polarities
+    climb for POLARITY_TRIAL_STEPS at the coarsest level and the better one goes on; after the
+    levels, a line search along the beam (DEPTH_SEARCH_MM, the weak direction of one view) and
+    POLISH_STEPS at the finest level. Returns (pose, info) with info = {ncc_before, ncc_after
+    (of the returned pose), depth_margin, iterations, time_s, polarity, improved,
+    exposed_fraction} (NCC at the finest level over its exposed pixels; polarity +1 when the
+    X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the NCC of the pose
+    shifted DEPTH_PROBE_MM either way along the beam, <= 0 when depth has not converged).
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
+    deadline = started + time_budget_s
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
     if centre_ct is None:
         centre_imager = torch.tensor([0.0, 0.0, geometry.CIOS_FUSION_SOURCE_TO_ISOCENTER_MM],
@@ -125,50 +168,49 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
         image, intrinsics, _level_size(intrinsics, levels[-1]))
     mask = exposed_mask(finest_image)
     targets = [_level_target(finest_image, mask, finest_input, size) for size in levels]
-    finest, finest_mask, finest_intrinsics = targets[-1]
-    info = {'exposed_fraction': float(finest_mask.double().mean()), 'iterations': 0}
-    if finest_mask.sum() < 16:
+    finest = targets[-1]
+    info = {'exposed_fraction': float(finest[1].double().mean()), 'iterations': 0}
+    if finest[1].sum() < 16:
         info.update(ncc_before=float('nan'), ncc_after=float('nan'),
                     depth_margin=float('nan'), polarity=0.0,
-                    improved=False, time_s=time.perf_counter() - start)
+                    improved=False, time_s=time.perf_counter() - started)
         return np.asarray(pose, dtype=float), info
-    with torch.no_grad():
-        initial = ncc(projector.render_torch(pose0, finest_intrinsics).double(), finest,
-                      finest_mask)
-    polarity = 1.0 if float(initial) >= 0 else -1.0
-    ncc_before = float(initial) * polarity
-    delta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    for (target, exposed, level_intrinsics), count, rate in zip(
-            targets, iterations, LEARNING_RATES[-len(levels):], strict=True):
-        optimiser = torch.optim.Adam([delta], lr=rate)
-        for _ in range(count):
-            if time.perf_counter() - start > time_budget_s:
-                break
-            optimiser.zero_grad()
-            rendered = projector.render_torch(_perturbed_pose(pose0, delta, centre_imager),
-                                              level_intrinsics).double()
-            loss = -polarity * ncc(rendered, target, exposed)
-            loss.backward()
-            optimiser.step()
-            info['iterations'] += 1
-    with torch.no_grad():
-        candidate = _perturbed_pose(pose0, delta, centre_imager)
-        ncc_after = float(polarity * ncc(projector.render_torch(candidate, finest_intrinsics)
-                                         .double(), finest, finest_mask))
+    rates = LEARNING_RATES[-len(levels):]
+    # polarity: both climb a little at the coarsest level; the better one goes on
+    trials = []
+    for polarity in (1.0, -1.0):
+        delta, taken = _climb(projector, pose0, centre_imager, targets[0], polarity,
+                              POLARITY_TRIAL_STEPS, rates[0], deadline)
+        info['iterations'] += taken
+        score = _similarity(projector, _perturbed_pose(pose0, delta.detach(), centre_imager),
+                            targets[0], polarity)
+        trials.append((score, polarity, delta))
+    _, polarity, delta = max(trials, key=lambda trial: trial[0])
+    ncc_before = _similarity(projector, pose0, finest, polarity)
+    for index, (level, count, rate) in enumerate(zip(targets, iterations, rates, strict=True)):
+        remaining = count - (POLARITY_TRIAL_STEPS if index == 0 else 0)
+        delta, taken = _climb(projector, pose0, centre_imager, level, polarity, remaining, rate,
+                              deadline, delta)
+        info['iterations'] += taken
+    candidate = _perturbed_pose(pose0, delta.detach(), centre_imager)
+    # depth: line search along the beam, then a polish at the finest level
+    beam_centre = candidate[:3, :3] @ (
+        torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
+    scores = [(_similarity(projector, _along_beam(candidate, beam_centre, offset), finest,
+                           polarity), offset) for offset in DEPTH_SEARCH_MM]
+    best_offset = max(scores)[1]
+    if best_offset:
+        candidate = _along_beam(candidate, beam_centre, best_offset)
+        polish, taken = _climb(projector, candidate, beam_centre, finest, polarity,
+                               POLISH_STEPS, rates[-1], deadline)
+        info['iterations'] += taken
+        candidate = _perturbed_pose(candidate, polish.detach(), beam_centre)
+    ncc_after = _similarity(projector, candidate, finest, polarity)
     improved = ncc_after > ncc_before
-    refined = candidate.numpy() if improved else np.asarray(pose, dtype=float)
-    with torch.no_grad():
-        # the ray from the source through the rotation centre, at the refined pose
-        beam = (centre_imager if centre_ct is None else torch.as_tensor(
-            geometry.transform_points(refined, centre_ct)[0]))
-        beam = beam / beam.norm()
-        probes = []
-        for sign in (-1.0, 1.0):
-            shifted = torch.as_tensor(refined).clone()
-            shifted[:3, 3] += sign * DEPTH_PROBE_MM * beam
-            probes.append(float(polarity * ncc(projector.render_torch(shifted, finest_intrinsics)
-                                               .double(), finest, finest_mask)))
+    refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
+    probes = [_similarity(projector, _along_beam(refined, beam_centre, offset), finest, polarity)
+              for offset in (-DEPTH_PROBE_MM, DEPTH_PROBE_MM)]
     info.update(ncc_before=ncc_before, ncc_after=final, depth_margin=final - max(probes),
-                polarity=polarity, improved=improved, time_s=time.perf_counter() - start)
-    return refined, info
+                polarity=polarity, improved=improved, time_s=time.perf_counter() - started)
+    return refined.numpy(), info
