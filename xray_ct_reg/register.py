@@ -88,7 +88,7 @@ class RegistrationConfig:
     intensity_refine: bool = False
     """Refine the PnP pose by intensity (NCC) against a DRR and judge the refined pose by
     ``min_ncc`` instead of the correspondence gates; needs the patient's CT."""
-    refine_time_budget_s: float = 10.0
+    refine_time_budget_s: float = 15.0
     """Time budget of the intensity refinement (s)."""
     min_ncc: float = 0.96
     """Gate (with intensity refinement): minimum NCC between the X-ray's exposed pixels and the
