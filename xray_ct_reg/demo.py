@@ -155,11 +155,12 @@ def _feed_one(frame, image_pub, info_pub, listener, verdicts, done, header_type)
 # ----------------------------------------------------------------------------- CLI
 def add_demo_arguments(parser):
     """Arguments of ``xray-ct-reg demo``."""
-    parser.add_argument('--frames', type=int, default=8, help='number of simulated frames')
+    parser.add_argument('--frames', type=int, default=6, help='number of simulated frames')
     parser.add_argument('--out', default='runs/demo', help='folder for overlays and summary')
     parser.add_argument('--size', type=int, default=256, help='image size (px)')
-    parser.add_argument('--rate', type=float, default=0.2,
-                        help='C-arm frame rate (Hz); a refined registration takes ~5 s')
+    parser.add_argument('--rate', type=float, default=0.07,
+                        help='C-arm frame rate (Hz): single shots, as a refined registration '
+                             'takes 5-12 s here (faster shots are dropped: latest frame only)')
     parser.add_argument('--no-refine', action='store_true',
                         help='SCR only (no intensity refinement against the CT)')
     parser.add_argument('--seed', type=int, default=1, help='pose sampler seed')
@@ -200,7 +201,7 @@ def run_demo(args):
             Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
             Parameter('ct_path', value='example'),
             Parameter('intensity_refine', value=not args.no_refine),
-            Parameter('inference_threads', value=2)])
+            Parameter('inference_threads', value=1)])
         verdicts = {}
         node.result_callback = lambda stamp, verdict, reason, _: verdicts.update(
             {stamp: (verdict, reason)})
@@ -211,9 +212,15 @@ def run_demo(args):
         for each in (sim, node, listener.node):
             executor.add_node(each)
         deadline = time.monotonic() + args.frames / args.rate + TIMEOUT_S
-        while time.monotonic() < deadline and (
-                sim.published < args.frames
-                or not set(sim.published_stamps) <= set(verdicts) | set(listener.poses)):
+
+        def finished():
+            """Every frame published and judged, and every accepted one's TF received."""
+            judged = set(verdicts) | set(listener.poses)
+            accepted = {stamp for stamp, (verdict, _) in verdicts.items()
+                        if verdict == 'accepted'}
+            return (sim.published >= args.frames and set(sim.published_stamps) <= judged
+                    and accepted <= set(listener.poses))
+        while time.monotonic() < deadline and not finished():
             executor.spin_once(timeout_sec=0.1)
         stats = node.stats()
     finally:
