@@ -275,10 +275,12 @@ REFINED_BOUND_MM = 2.0
 REFINED_CROP_BOUND_MM = 5.0
 
 
-def _fresh_views(simulator, registrar, polarity):
-    """Three fresh full views (seed never used in training) and a central 3/4 crop of each."""
+def _fresh_views(simulator, size, polarity):
+    """Three fresh full views (seed never used in training) and a central 3/4 crop of each.
+
+    ``size`` (px): twice the network's input, as a detector image is larger than it.
+    """
     from xray_ct_reg import simulate
-    size = registrar.network_size[0] * 2
     rng = np.random.default_rng([20231001, 99, POLARITY_SEEDS[polarity]])
     for _ in range(3):
         sample, _ = simulator.random_view(rng, size, local_fraction=0.0,
@@ -299,7 +301,8 @@ def test_scr_only_never_accepts_a_gross_failure(registrar, simulator, patient, p
     The model alone is too coarse to register most views (bench/accuracy.py).
     """
     results = []
-    for _, image, intrinsics, truth in _fresh_views(simulator, registrar, polarity):
+    views = _fresh_views(simulator, 2 * registrar.network_size[0], polarity)
+    for _, image, intrinsics, truth in views:
         result = registrar.register(image, intrinsics)
         assert result.accepted or result.reason
         if result.pose is not None:
@@ -317,7 +320,8 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
     them), but one per polarity must register.
     """
     crops_accepted = 0
-    for kind, image, intrinsics, truth in _fresh_views(simulator, refining_registrar, polarity):
+    views = _fresh_views(simulator, 2 * refining_registrar.network_size[0], polarity)
+    for kind, image, intrinsics, truth in views:
         result = refining_registrar.register(image, intrinsics)
         error = (geometry.mtre(result.pose, truth, patient.targets) if result.pose is not None
                  else float('inf'))
@@ -331,3 +335,33 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
         else:
             assert result.reason
     assert crops_accepted >= 1, 'no local crop registered'
+
+
+def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, patient,
+                                                                     tmp_path):
+    """``xray-ct-reg register --refine --json --overlay`` on a mono16 PNG and a K file."""
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+    if not MODEL.is_file():
+        pytest.skip(f'committed model {MODEL} does not exist yet')
+    _, image, intrinsics, truth = next(_fresh_views(simulator, 128, 'bright_bone'))
+    image_path, k_path = tmp_path / 'shot.png', tmp_path / 'k.json'
+    cv2.imwrite(str(image_path), np.round(image * 65535).astype(np.uint16))
+    k_path.write_text(json.dumps({'K': intrinsics.K.tolist(), 'width': intrinsics.width,
+                                  'height': intrinsics.height, 'sdd_mm': intrinsics.sdd_mm}))
+    command = [sys.executable, '-m', 'xray_ct_reg.cli', 'register', str(image_path),
+               '--model', str(MODEL), '--intrinsics', str(k_path), '--ct', 'example']
+    overlay = tmp_path / 'overlay.png'
+    run = subprocess.run(command + ['--refine', '--json', '--overlay', str(overlay)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout)
+    assert result['accepted'] and result['info']['intensity_refine']['ncc_after'] >= 0.96
+    assert geometry.mtre(np.array(result['pose']), truth, patient.targets) < REFINED_BOUND_MM
+    assert cv2.imread(str(overlay)).shape[:2] == image.shape
+    missing = subprocess.run(command[:4] + [str(tmp_path / 'none.png')] + command[5:],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and 'not found' in missing.stderr
