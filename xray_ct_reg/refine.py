@@ -13,8 +13,8 @@ flat regions at an end of the grey range that carry no anatomy and would pull th
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
 signs climb briefly at the coarsest level and the better one goes on (the sign of the NCC at a
 start far from the truth is unreliable). The refined pose replaces the start only when the NCC
-at the finest level improved. The final NCC is what the
-registrar's intensity gate (``RegistrationConfig.min_ncc``) judges.
+at the finest level improved. The final NCC and the depth check are what the registrar's
+intensity gates (``register.intensity_gates``) judge.
 """
 import time
 
