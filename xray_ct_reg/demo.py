@@ -200,8 +200,7 @@ def run_demo(args):
         node = RegistrationNode(context=context, parameter_overrides=[
             Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
             Parameter('ct_path', value='example'),
-            Parameter('intensity_refine', value=not args.no_refine),
-            Parameter('inference_threads', value=1)])
+            Parameter('intensity_refine', value=not args.no_refine)])
         verdicts = {}
         node.result_callback = lambda stamp, verdict, reason, _: verdicts.update(
             {stamp: (verdict, reason)})

@@ -198,14 +198,14 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
         torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
     scores = [(_similarity(projector, _along_beam(candidate, beam_centre, offset), finest,
                            polarity), offset) for offset in DEPTH_SEARCH_MM]
-    best_offset = max(scores)[1]
+    ncc_after, best_offset = max(scores)
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
         polish, taken = _climb(projector, candidate, beam_centre, finest, polarity,
                                POLISH_STEPS, rates[-1], deadline)
         info['iterations'] += taken
         candidate = _perturbed_pose(candidate, polish.detach(), beam_centre)
-    ncc_after = _similarity(projector, candidate, finest, polarity)
+        ncc_after = _similarity(projector, candidate, finest, polarity)
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before

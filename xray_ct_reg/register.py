@@ -495,27 +495,23 @@ class Registrar:
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
                       covariance=covariance, num_candidates=candidates, info=info)
-        if not config.intensity_refine:
+        if config.intensity_refine:
+            # The PnP pose only starts the intensity refinement, but it must be a possible view.
+            accepted, reason = pose_gates(pose, intrinsics, self.bone_centroid, config)
+            if not accepted:
+                return rejected(f'PnP start: {reason}', **fields)
+            tick = time.perf_counter()
+            info['scr_pose'] = pose
+            fields['pose'], info['intensity_refine'] = refine.refine_pose(
+                self.projector, image, intrinsics, pose,
+                time_budget_s=config.refine_time_budget_s, centre_ct=self.bone_centroid)
+            timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
+            accepted, reason = intensity_gates(fields['pose'], info['intensity_refine'],
+                                               intrinsics, self.bone_centroid, config)
+        else:
             accepted, reason = quality_gates(pose, fields['inlier_count'],
                                              fields['inlier_ratio'], error_px, intrinsics,
                                              self.bone_centroid, config, spread=spread)
-            if not accepted:
-                return rejected(reason, **fields)
-            timings['total'] = 1e3 * (time.perf_counter() - start)
-            return Result(accepted=True, timings_ms=timings, **fields)
-
-        # The PnP pose only starts the intensity refinement, but it must be a possible view.
-        accepted, reason = pose_gates(pose, intrinsics, self.bone_centroid, config)
-        if not accepted:
-            return rejected(f'PnP start: {reason}', **fields)
-        tick = time.perf_counter()
-        info['scr_pose'] = pose
-        fields['pose'], info['intensity_refine'] = refine.refine_pose(
-            self.projector, image, intrinsics, pose, time_budget_s=config.refine_time_budget_s,
-            centre_ct=self.bone_centroid)
-        timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
-        accepted, reason = intensity_gates(fields['pose'], info['intensity_refine'], intrinsics,
-                                           self.bone_centroid, config)
         if not accepted:
             return rejected(reason, **fields)
         timings['total'] = 1e3 * (time.perf_counter() - start)
