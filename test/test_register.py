@@ -21,6 +21,7 @@ from xray_ct_reg.register import (
     refine_lm,
     reprojection_errors,
     solve_pnp,
+    view_angle_from_ap_deg,
 )
 
 MODEL = Path(__file__).resolve().parent.parent / 'models' / 'chest_example.pt'
@@ -225,13 +226,45 @@ def test_registrar_pipeline_with_oracle_network(patient, simulator):
         assert set(result.timings_ms) >= {'preprocess', 'network', 'pnp', 'refine_lm', 'total'}
 
 
+@pytest.mark.parametrize('roll_deg', [90.0, 180.0, -120.0])
+def test_registrar_accepts_a_view_rolled_in_plane(patient, simulator, roll_deg):
+    """Rolling the detector in its plane does not change the viewing direction: accepted."""
+    from scipy.spatial.transform import Rotation
+
+    from xray_ct_reg import simulate
+    rng = np.random.default_rng(12)
+    upright, _ = simulate.PoseSampler().sample(rng, simulator.vertices, patient.bone_centroid)
+    roll = geometry.make_pose(Rotation.from_euler('z', roll_deg, degrees=True).as_matrix(),
+                              np.zeros(3))
+    truth = geometry.compose(roll, upright)
+    intrinsics = geometry.default_intrinsics(128)
+    assert view_angle_from_ap_deg(truth) == pytest.approx(view_angle_from_ap_deg(upright))
+    oracle = OracleNetwork(simulator.simulate(truth, intrinsics), patient.bone_centroid)
+    registrar = Registrar(oracle, {'image_size': [128, 128]}, patient=patient)
+    image = simulate.xray_appearance(simulator.projector.render(truth, intrinsics), rng)
+    result = registrar.register(image, intrinsics)
+    assert result.accepted, result.reason
+    assert geometry.mtre(result.pose, truth, patient.targets) < 1e-3
+
+
+def test_view_angle_counts_only_the_beam_direction(patient):
+    centre = patient.bone_centroid
+    for inplane_deg in (0.0, 90.0, 180.0, -135.0):
+        pose = geometry.carm_pose(centre, inplane_deg=inplane_deg)
+        assert view_angle_from_ap_deg(pose) == pytest.approx(0.0, abs=1e-6)
+    assert view_angle_from_ap_deg(geometry.carm_pose(centre, lao_deg=80.0)) == pytest.approx(80.0)
+    assert view_angle_from_ap_deg(geometry.carm_pose(centre, lao_deg=30.0, cranial_deg=40.0)) \
+        > 40.0
+
+
 def test_registrar_rejects_invalid_input(patient):
     oracle = OracleNetwork({'hit': np.zeros((128, 128), bool)}, patient.bone_centroid)
     registrar = Registrar(oracle, {'image_size': [128, 128]})
     intrinsics = geometry.default_intrinsics(64)
     image = np.random.default_rng(0).random((64, 64))
     for bad, message in [(np.zeros((64, 64, 3)), '2D'), (np.zeros((0, 64)), 'empty'),
-                         (np.full((64, 64), np.nan), 'NaN'), (image[:32], 'intrinsics')]:
+                         (np.full((64, 64), np.nan), 'NaN'), (image[:32], 'intrinsics'),
+                         (np.full((64, 64), 7, np.uint16), 'blank')]:
         with pytest.raises(ValueError, match=message):
             registrar.register(bad, intrinsics)
     with pytest.raises(ValueError, match='trained for CT'):
@@ -257,14 +290,14 @@ def refining_registrar(registrar, patient):
 
 
 @pytest.mark.parametrize('mode', ['scr', 'refined'])
-def test_model_rejects_blank_and_noise_images(registrar, refining_registrar, mode):
+def test_model_refuses_blank_and_rejects_noise_images(registrar, refining_registrar, mode):
     chosen = registrar if mode == 'scr' else refining_registrar
     intrinsics = geometry.default_intrinsics(512)
-    rng = np.random.default_rng(12)
-    for image in (np.zeros((512, 512), np.uint16),
-                  rng.integers(0, 65535, (512, 512)).astype(np.uint16)):
-        result = chosen.register(image, intrinsics)
-        assert not result.accepted and result.reason
+    with pytest.raises(ValueError, match='blank'):
+        chosen.register(np.zeros((512, 512), np.uint16), intrinsics)
+    noise = np.random.default_rng(12).integers(0, 65535, (512, 512)).astype(np.uint16)
+    result = chosen.register(noise, intrinsics)
+    assert not result.accepted and result.reason
 
 
 POLARITY_SEEDS = {'bright_bone': 1, 'dark_bone': 2}

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from xray_ct_reg import geometry, ros_io
+from xray_ct_reg import geometry, image_io, ros_io, settings
 
 IMAGE_TOPIC = '/carm/image_raw'
 CAMERA_INFO_TOPIC = '/carm/camera_info'
@@ -124,7 +124,7 @@ def add_bag_record_sim_arguments(parser):
     parser.add_argument('-n', '--frames', type=int, default=10, help='number of frames')
     parser.add_argument('--storage', choices=('sqlite3', 'mcap'), default='sqlite3')
     parser.add_argument('--size', type=int, default=256, help='image size (px)')
-    parser.add_argument('--encoding', choices=('mono8', 'mono16', '32FC1'), default='mono16')
+    parser.add_argument('--encoding', choices=image_io.WRITE_ENCODINGS, default='mono16')
     parser.add_argument('--ct', default='example', help="CT to render ('example' = chest CT)")
     parser.add_argument('--seed', type=int, default=0, help='pose sampler and noise seed')
     parser.add_argument('--rate', type=float, default=10.0, help='frame rate of the stamps (Hz)')
@@ -183,6 +183,7 @@ def add_replay_arguments(parser):
     parser.add_argument('--refine', action='store_true',
                         help='intensity refinement and its NCC gate (needs --ct), as the node '
                              'config does')
+    settings.add_params_file_argument(parser)
 
 
 def _frame_intrinsics(frame, sdd_mm):
@@ -266,25 +267,29 @@ def summarize_records(records):
 def run_replay(args):
     """Replay a bag through the Registrar (or the node) and report per frame."""
     from xray_ct_reg import node as ros_node
-    from xray_ct_reg.register import Registrar, RegistrationConfig
+    from xray_ct_reg.register import Registrar, cli_config
     model = args.model or ros_node.default_model_path()
     if not model:
         print('no model given and no committed models/chest_example.pt found')
         return 2
-    if args.refine and not args.ct:
-        print('--refine needs --ct (the CT the model was trained for)')
+    try:
+        config, ct_path = cli_config(args)
+    except ValueError as error:
+        print(f'error: {error}')
+        return 2
+    if config.intensity_refine and not ct_path:
+        print('intensity refinement needs --ct (the CT the model was trained for)')
         return 2
     patient = None
-    if args.ct:
+    if ct_path:
         from xray_ct_reg import ct
-        patient = ct.load_patient(args.ct)
+        patient = ct.load_patient(ct_path)
     frames = read_frames(args.bag)
     if args.through_node:
         from xray_ct_reg import demo
-        outcomes = demo.register_through_node(frames, model, args.ct or '', args.sdd_mm,
-                                              intensity_refine=args.refine)
+        outcomes = demo.register_through_node(frames, model, ct_path or '', args.sdd_mm,
+                                              config=config)
     else:
-        config = RegistrationConfig(intensity_refine=args.refine)
         outcomes = register_offline(
             frames, Registrar.from_checkpoint(model, patient=patient, config=config), args.sdd_mm)
     targets = patient.targets if patient is not None else None

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     'bag-record-sim': ('xray_ct_reg.bag', 'write a rosbag2 of simulated C-arm frames'),
     'replay': ('xray_ct_reg.bag', 'feed a rosbag2 through the registrar and report'),
     'demo': ('xray_ct_reg.demo', 'simulated C-arm + registration node, end to end'),
+    'params': ('xray_ct_reg.settings', "print or write the node's parameter file (YAML)"),
 }
 
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from xray_ct_reg import geometry, ros_io
+from xray_ct_reg import geometry, image_io, ros_io
 
 TIMEOUT_S = 60.0
 
@@ -126,9 +126,8 @@ def _feed_one(frame, image_pub, info_pub, listener, verdicts, done, header_type)
         info = frame['camera_info']
         intrinsics = geometry.Intrinsics.from_camera_info(info.k, info.width, info.height)
         info_pub.publish(ros_io.intrinsics_to_camera_info(intrinsics, header))
-    encoding = {np.dtype(np.uint8): 'mono8', np.dtype(np.uint16): 'mono16'}.get(
-        frame['image'].dtype, '32FC1')
-    image_pub.publish(ros_io.array_to_image_msg(frame['image'], encoding, header))
+    image_pub.publish(ros_io.array_to_image_msg(frame['image'],
+                                                image_io.encoding_for(frame['image']), header))
     deadline = time.monotonic() + TIMEOUT_S
     with done:
         done.wait_for(lambda: stamp in verdicts, timeout=TIMEOUT_S)

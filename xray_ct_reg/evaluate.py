@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from xray_ct_reg import ct as ct_module
-from xray_ct_reg import geometry, overlay, simulate
-from xray_ct_reg.register import Registrar, RegistrationConfig, to_jsonable
+from xray_ct_reg import geometry, overlay, settings, simulate
+from xray_ct_reg.register import Registrar, RegistrationConfig, cli_config, to_jsonable
 
 GROUPS = ('full', 'local', 'extreme')
 POLARITIES = ('bright_bone', 'dark_bone')
@@ -221,7 +221,9 @@ def format_table(report):
 def add_evaluate_arguments(parser):
     """Arguments of ``xray-ct-reg evaluate``."""
     parser.add_argument('--model', required=True, help='checkpoint (.pt)')
-    parser.add_argument('--ct', default='example', help="the model's CT (file, folder, 'example')")
+    parser.add_argument('--ct', default=None,
+                        help="the model's CT (file, folder, 'example'); default: ct_path of "
+                             "--params-file, else 'example'")
     parser.add_argument('-n', '--n-per-group', type=int, default=20,
                         help='test views per group (full, local, extreme)')
     parser.add_argument('--seed', type=int, default=DEFAULT_SEED,
@@ -229,14 +231,17 @@ def add_evaluate_arguments(parser):
     parser.add_argument('--size', type=int, default=None,
                         help="simulated image size (px), default: the network's")
     parser.add_argument('--refine', action='store_true', help='with intensity refinement')
+    settings.add_params_file_argument(parser)
     parser.add_argument('--out', default='runs/evaluate', help='output folder')
 
 
 def run_evaluate(args):
     """Evaluate a checkpoint and print the table; 1 on an unusable model or CT."""
     try:
-        report = evaluate(args.model, args.ct, args.n_per_group, args.seed, args.size,
-                          intensity_refine=args.refine, out_dir=args.out)
+        config, ct_path = cli_config(args)
+        report = evaluate(args.model, ct_path or 'example', args.n_per_group, args.seed, args.size,
+                          config=config, intensity_refine=config.intensity_refine,
+                          out_dir=args.out)
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
         return 1

@@ -17,18 +17,17 @@ Two modes (``RegistrationConfig.intensity_refine``):
 The pose is ``T_imager_ct`` in mm (see ``geometry``); resizing the image changes the
 intrinsics, never the pose. A bad pose never raises: the Result says ``accepted=False`` and why.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import json
-from pathlib import Path
 import sys
 import time
 
 import cv2
 import numpy as np
-from scipy.spatial.transform import Rotation
 
-from xray_ct_reg import drr, geometry, refine
+from xray_ct_reg import drr, geometry, image_io, refine, settings
 from xray_ct_reg import model as scr_model
+from xray_ct_reg.settings import setting
 
 # The paper's RANSAC threshold: 20 px on the 1536^2 Cios Fusion detector (0.194 mm pixels).
 REFERENCE_FOCAL_PX = geometry.CIOS_FUSION_SDD_MM / geometry.CIOS_FUSION_PIXEL_SPACING_MM
@@ -36,66 +35,85 @@ REFERENCE_FOCAL_PX = geometry.CIOS_FUSION_SDD_MM / geometry.CIOS_FUSION_PIXEL_SP
 DEFAULT_MAX_SIGMA_MM = 5.0
 
 
+POLARITIES = ('auto', 'bright_bone', 'dark_bone')
+
+
 @dataclass
 class RegistrationConfig:
-    """Every threshold of the registration, with its default.
+    """Registration and quality gates (pixel values at the 1536^2 reference detector).
 
-    Pixel thresholds are given at the reference full-resolution detector (focal length
-    ``reference_focal_px``, i.e. 1536^2 Cios Fusion) and scaled by fx / reference_focal_px for
-    the image at hand, so they mean the same ray angle at any resolution.
+    Every threshold of the registration, with its default, declared once with ``settings.setting``
+    (description, limits): the node's parameters, the YAML comments and ``--params-file`` all
+    come from here. Pixel thresholds are given at the reference full-resolution detector (focal
+    length ``reference_focal_px``, i.e. 1536^2 Cios Fusion) and scaled by fx / reference_focal_px
+    for the image at hand, so they mean the same ray angle at any resolution.
     """
 
-    max_sigma_mm: float | None = None
-    """Use a pixel's entry (exit) point when its sigma (mm) is below this; None: the
-    checkpoint's ``confident_sigma_mm`` (else ``DEFAULT_MAX_SIGMA_MM``)."""
-    max_correspondences: int = 4000
-    """Random subsample (seeded) of the confident correspondences handed to RANSAC."""
-    seed: int = 0
-    """Seed of the subsample and of RANSAC's sampler (registration is deterministic)."""
-    min_correspondences: int = 12
-    """Fewer correspondences than this: reject without trying PnP."""
-    min_points: int = 400
-    """When fewer pixels are confident, take this many of the least uncertain entry/exit points
-    anyway (views the network is unsure of, e.g. local or extreme ones); the gates judge the
-    outcome."""
-    ransac_threshold_px: float = 20.0
-    """RANSAC inlier threshold, px at the reference detector (the paper's 20 px at 1536)."""
-    ransac_iterations: int = 1000
-    """Maximum RANSAC iterations (the paper's 1000)."""
-    ransac_confidence: float = 0.999
-    """RANSAC stops early once this confidence of an all-inlier sample is reached."""
-    reference_focal_px: float = REFERENCE_FOCAL_PX
-    """Focal length (px) of the detector the pixel thresholds are written for."""
-    min_inliers: int = 100
-    """Gate: minimum number of RANSAC inliers."""
-    min_inlier_ratio: float = 0.25
-    """Gate: minimum fraction of the correspondences that are inliers."""
-    max_reprojection_error_px: float = 8.0
-    """Gate: maximum median inlier reprojection error, px at the reference detector."""
-    min_source_distance_mm: float = 250.0
-    """Gate: the bone centroid must be at least this far from the X-ray source (mm)."""
-    max_source_distance_mm: float = 1000.0
-    """Gate: ... and at most this far (the detector is ~1020 mm away)."""
-    image_margin: float = 0.25
-    """Gate: the bone centroid must project inside the image grown by this fraction per side."""
-    min_inlier_spread: float = 0.06
-    """Gate: the inlier pixels' standard deviation along u and along v, as a fraction of the
-    image width and height, must reach this: a pose fitted to a small cluster of pixels is
-    ill-conditioned even when every pixel agrees with it."""
-    max_angle_from_ap_deg: float = 75.0
-    """Gate: maximum rotation (deg) of the view away from an AP view of a supine patient (the
-    training views reach about 55 deg; the network knows nothing beyond)."""
-    intensity_refine: bool = False
-    """Refine the PnP pose by intensity (NCC) against a DRR and judge the refined pose by
-    ``min_ncc`` instead of the correspondence gates; needs the patient's CT."""
-    refine_time_budget_s: float = 15.0
-    """Time budget of the intensity refinement (s)."""
-    min_ncc: float = 0.96
-    """Gate (with intensity refinement): minimum NCC between the X-ray's exposed pixels and the
-    DRR at the refined pose."""
-    min_exposed_fraction: float = 0.2
-    """Gate (with intensity refinement): minimum fraction of the image that shows anatomy (not
-    collimated or saturated) for the NCC to be trusted."""
+    polarity: str = setting(
+        'auto', 'image polarity: dark_bone images are inverted first; auto and bright_bone pass '
+        'unchanged (the network was trained on both)', choices=POLARITIES, live=True)
+    max_sigma_mm: float = setting(
+        0.0, "use a pixel's entry (exit) point when its predicted sigma (mm) is below this; 0: "
+        "the checkpoint's own threshold", limits=(0.0, 1000.0), live=True)
+    max_correspondences: int = setting(
+        4000, 'random (seeded) subsample of the confident correspondences handed to RANSAC',
+        limits=(12, 1000000), live=True)
+    seed: int = setting(0, 'seed of the subsample and of the RANSAC sampler (deterministic)',
+                        limits=(0, 2**31 - 1), live=True)
+    min_correspondences: int = setting(
+        12, 'fewer correspondences than this: reject without trying PnP', limits=(6, 100000),
+        live=True)
+    min_points: int = setting(
+        400, 'when fewer pixels are confident, take this many of the least uncertain points '
+        'anyway (local or extreme views); the gates judge the outcome', limits=(0, 1000000),
+        live=True)
+    ransac_threshold_px: float = setting(
+        20.0, "RANSAC inlier threshold (px at the reference detector; the paper's 20 px)",
+        limits=(0.1, 500.0), live=True)
+    ransac_iterations: int = setting(1000, "maximum RANSAC iterations (the paper's 1000)",
+                                     limits=(1, 1000000), live=True)
+    ransac_confidence: float = setting(
+        0.999, 'RANSAC stops early once this confidence of an all-inlier sample is reached',
+        limits=(0.5, 1.0), live=True)
+    reference_focal_px: float = setting(
+        REFERENCE_FOCAL_PX, 'focal length (px) of the detector the pixel thresholds are written '
+        'for (1536^2 Cios Fusion)', limits=(1.0, 1e6), live=True)
+    min_inliers: int = setting(100, 'gate, SCR only: minimum number of RANSAC inliers',
+                               limits=(6, 1000000), live=True)
+    min_inlier_ratio: float = setting(
+        0.25, 'gate, SCR only: minimum fraction of the correspondences that are inliers',
+        limits=(0.0, 1.0), live=True)
+    min_inlier_spread: float = setting(
+        0.06, 'gate, SCR only: std of the inlier pixels along u and along v, as a fraction of '
+        'the image size, must reach this (a pose fitted to a small cluster is ill-conditioned)',
+        limits=(0.0, 1.0), live=True)
+    max_reprojection_error_px: float = setting(
+        8.0, 'gate, SCR only: maximum median inlier reprojection error (px at the reference '
+        'detector)', limits=(0.01, 500.0), live=True)
+    min_source_distance_mm: float = setting(
+        250.0, 'gate: the bone centroid must be at least this far from the X-ray source (mm)',
+        limits=(0.0, 5000.0), live=True)
+    max_source_distance_mm: float = setting(
+        1000.0, 'gate: ... and at most this far (the detector is about 1020 mm away)',
+        limits=(0.0, 5000.0), live=True)
+    image_margin: float = setting(
+        0.25, 'gate: the bone centroid must project inside the image grown by this fraction per '
+        'side', limits=(0.0, 10.0), live=True)
+    max_angle_from_ap_deg: float = setting(
+        75.0, 'gate: maximum angle (deg) between the viewing direction and an AP view of a '
+        'supine patient; in-plane roll of the image is not counted', limits=(0.0, 180.0),
+        live=True)
+    intensity_refine: bool = setting(
+        False, 'refine the PnP pose by intensity against a DRR and judge the refined pose by '
+        'min_ncc instead of the correspondence gates (needs the CT)')
+    refine_time_budget_s: float = setting(
+        15.0, 'time budget of the intensity refinement (s)', limits=(0.0, 120.0), live=True)
+    min_ncc: float = setting(
+        0.96, 'gate with intensity_refine: minimum NCC of the X-ray and the DRR at the refined '
+        'pose', limits=(-1.0, 1.0), live=True)
+    min_exposed_fraction: float = setting(
+        0.2, 'gate with intensity_refine: minimum fraction of the image that shows anatomy (not '
+        'collimated or saturated)', limits=(0.0, 1.0), live=True)
 
 
 @dataclass
@@ -261,6 +279,17 @@ def inlier_spread(pixels, width, height):
     return float(min(pixels[:, 0].std() / width, pixels[:, 1].std() / height))
 
 
+def view_angle_from_ap_deg(pose):
+    """Angle (deg) between the pose's viewing direction (the beam, imager +z, in CT) and AP's.
+
+    Only where the beam points counts: rolling the image in its plane leaves it unchanged.
+    """
+    beam_ct = np.asarray(pose, dtype=float)[2, :3]          # R^T e_z: imager z axis in CT
+    beam_ap = geometry.R_IMAGER_CT_AP[2]
+    cosine = float(np.clip(beam_ct @ beam_ap / np.linalg.norm(beam_ct), -1.0, 1.0))
+    return float(np.degrees(np.arccos(cosine)))
+
+
 def pose_gates(pose, intrinsics, bone_centroid, config=None):
     """Is ``pose`` a physically possible C-arm view of the bones? Returns (accepted, reason).
 
@@ -286,8 +315,7 @@ def pose_gates(pose, intrinsics, bone_centroid, config=None):
     if not (-margin_u - 0.5 <= u <= intrinsics.width - 0.5 + margin_u
             and -margin_v - 0.5 <= v <= intrinsics.height - 0.5 + margin_v):
         return False, f'bone centroid projects outside the image at ({u:.0f}, {v:.0f}) px'
-    angle = np.degrees(Rotation.from_matrix(
-        pose[:3, :3] @ geometry.R_IMAGER_CT_AP.T).magnitude())
+    angle = view_angle_from_ap_deg(pose)
     if angle > config.max_angle_from_ap_deg:
         return False, f'view {angle:.0f} deg away from AP > {config.max_angle_from_ap_deg:.0f}'
     return True, ''
@@ -342,8 +370,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
 def validate_image(image, intrinsics):
     """Check an X-ray for registration; return it as a 2D numpy array or raise ValueError.
 
-    The image must be a non-empty 2D numeric array of finite values whose size (width x height)
-    equals the intrinsics'.
+    The image must be a non-empty, non-constant 2D numeric array of finite values whose size
+    (width x height) equals the intrinsics'. The CLI, replay and the node all check input here.
     """
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -356,6 +384,8 @@ def validate_image(image, intrinsics):
         raise ValueError(f'expected a numeric X-ray image, got dtype {array.dtype}')
     if not np.all(np.isfinite(array)):
         raise ValueError('the X-ray image contains NaN or infinite pixels')
+    if array.min() == array.max():
+        raise ValueError('the X-ray image is blank (every pixel has the same value)')
     if not isinstance(intrinsics, geometry.Intrinsics):
         raise ValueError(f'intrinsics must be a geometry.Intrinsics, got {type(intrinsics)}')
     if (array.shape[1], array.shape[0]) != (intrinsics.width, intrinsics.height):
@@ -396,8 +426,6 @@ class Registrar:
         self.patient = patient
         self.network_size = network_size(self.metadata, self.model)
         self.bone_centroid = self.model.bone_centroid.detach().cpu().numpy().astype(float)
-        self.max_sigma_mm = float(self.config.max_sigma_mm or self.metadata.get(
-            'confident_sigma_mm', DEFAULT_MAX_SIGMA_MM))
         self.projector = None  # the DRR projector of the CT, for intensity refinement
         if self.config.intensity_refine:
             if patient is None:
@@ -411,11 +439,16 @@ class Registrar:
         network, metadata = scr_model.load_checkpoint(path, expected_ct_sha256=expected)
         return cls(network, metadata, patient=patient, config=config)
 
-    def correspondences(self, prediction, rng):
+    def max_sigma_mm(self, config):
+        """The confidence threshold (mm): ``config.max_sigma_mm``, else the checkpoint's."""
+        return float(config.max_sigma_mm or self.metadata.get('confident_sigma_mm',
+                                                                DEFAULT_MAX_SIGMA_MM))
+
+    def correspondences(self, prediction, rng, config):
         """Confident 2D-3D pairs from a network prediction (batch of one).
 
         Returns (points_ct (N, 3) mm, pixels (N, 2) at the network resolution, candidates): the
-        entry and exit points whose sigma is below ``self.max_sigma_mm`` (at least the
+        entry and exit points whose sigma is below ``max_sigma_mm(config)`` (at least the
         ``config.min_points`` least uncertain ones), randomly subsampled to
         ``config.max_correspondences``; ``candidates`` counts them before that.
         """
@@ -431,26 +464,29 @@ class Registrar:
         log_sigma = np.concatenate(log_sigmas)
         finite = np.all(np.isfinite(points), axis=1) & np.isfinite(log_sigma)
         points, pixels, log_sigma = points[finite], pixels[finite], log_sigma[finite]
-        confident = log_sigma < np.log(self.max_sigma_mm)
-        if confident.sum() < self.config.min_points:
+        confident = log_sigma < np.log(self.max_sigma_mm(config))
+        if confident.sum() < config.min_points:
             confident = np.zeros(len(points), dtype=bool)
-            confident[np.argsort(log_sigma)[:self.config.min_points]] = True
+            confident[np.argsort(log_sigma)[:config.min_points]] = True
         points, pixels = points[confident], pixels[confident]
         candidates = len(points)
-        if candidates > self.config.max_correspondences:
-            keep = rng.choice(candidates, self.config.max_correspondences, replace=False)
+        if candidates > config.max_correspondences:
+            keep = rng.choice(candidates, config.max_correspondences, replace=False)
             points, pixels = points[keep], pixels[keep]
         return points, pixels, candidates
 
     def register(self, image, intrinsics):
         """Register one X-ray; returns a ``Result`` (never raises for a bad pose).
 
-        Raises ValueError only for invalid input (see ``validate_image``).
+        Raises ValueError only for invalid input (see ``validate_image``). ``self.config`` is
+        read once, so a config swapped in by another thread applies from the next image on.
         """
         config = self.config
         start = time.perf_counter()
         timings = {}
         image = validate_image(image, intrinsics)
+        if config.polarity == 'dark_bone':  # the network's reference is bright bone
+            image = image.max() - image
         rng = np.random.default_rng(config.seed)
 
         def rejected(reason, **fields):
@@ -471,7 +507,7 @@ class Registrar:
         timings['network'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
-        points, pixels, candidates = self.correspondences(prediction, rng)
+        points, pixels, candidates = self.correspondences(prediction, rng, config)
         if len(points) < config.min_correspondences:
             timings['pnp'] = 1e3 * (time.perf_counter() - tick)
             return rejected(f'too few confident pixels: {len(points)} < '
@@ -519,50 +555,27 @@ class Registrar:
 
 
 # ----------------------------------------------------------------------------- CLI
-def read_image(path):
-    """Read an X-ray from PNG/TIFF/JPEG (mono8/mono16 kept), .npy, or NIfTI/MHA/NRRD (2D)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f'image file not found: {path}')
-    name = path.name.lower()
-    if name.endswith('.npy'):
-        image = np.load(path, allow_pickle=False)
-    elif name.endswith(('.nii', '.nii.gz', '.mha', '.mhd', '.nrrd')):
-        import SimpleITK as sitk
-        image = np.squeeze(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
-    else:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise ValueError(f'could not read {path} as an image')
-        if image.ndim == 3:
-            image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
-    if np.asarray(image).ndim != 2:
-        raise ValueError(f'{path}: expected a 2D image, got shape {np.asarray(image).shape}')
-    return image
-
-
-def read_intrinsics(path, width, height):
-    """Intrinsics from JSON: {"K": 3x3 or 9 values, "width", "height", optional "sdd_mm"}.
-
-    ``width``/``height`` default to the image size when the file omits them.
-    """
-    data = json.loads(Path(path).read_text())
-    K = data.get('K', data.get('k'))
-    if K is None:
-        raise ValueError(f'{path}: no "K" in the intrinsics file')
-    return geometry.Intrinsics(np.asarray(K, dtype=float).reshape(3, 3),
-                               int(data.get('width', width)), int(data.get('height', height)),
-                               float(data.get('sdd_mm', geometry.CIOS_FUSION_SDD_MM)))
-
-
 def cli_intrinsics(args, image):
     """The intrinsics a CLI run uses: --intrinsics, --pixel-spacing, or Cios Fusion resized."""
     height, width = image.shape[:2]
     if args.intrinsics:
-        return read_intrinsics(args.intrinsics, width, height)
+        return image_io.read_intrinsics(args.intrinsics, width, height)
     if args.pixel_spacing is not None:
         return geometry.Intrinsics.from_carm(args.sdd, args.pixel_spacing, width, height)
     return geometry.Intrinsics.from_carm(args.sdd).resize(width, height)
+
+
+def cli_config(args):
+    """(RegistrationConfig, CT path or None) of a CLI run: ``--params-file``, then the flags.
+
+    The parameter file is the node's (``config/registration.yaml``), so the CLI registers
+    exactly as the node would; ``--refine`` and ``--ct`` override it. ValueError for a bad file.
+    """
+    values = settings.read_params_file(args.params_file) if args.params_file else {}
+    config = settings.build(RegistrationConfig, values)
+    if args.refine:
+        config = replace(config, intensity_refine=True)
+    return config, (args.ct or values.get('ct_path') or None)
 
 
 def add_register_arguments(parser):
@@ -579,6 +592,7 @@ def add_register_arguments(parser):
                                      'for --overlay and --refine')
     parser.add_argument('--overlay', help='write the overlay (bone outline on the X-ray) here')
     parser.add_argument('--refine', action='store_true', help='intensity refinement (needs --ct)')
+    settings.add_params_file_argument(parser)
     parser.add_argument('--json', action='store_true', help='print the Result as JSON')
 
 
@@ -600,15 +614,14 @@ def format_result(result):
 def run_register(args):
     """Register one image file and print the verdict; exit 0 when accepted, 2 when rejected."""
     from xray_ct_reg import ct
-    if (args.overlay or args.refine) and not args.ct:
-        print('error: --overlay and --refine need --ct (the CT the model was trained for)',
-              file=sys.stderr)
-        return 1
     try:
-        image = read_image(args.image)
+        config, ct_path = cli_config(args)
+        if (args.overlay or config.intensity_refine) and not ct_path:
+            raise ValueError('--overlay and intensity refinement need --ct (the CT the model was '
+                             'trained for)')
+        image = image_io.read_image(args.image)
         intrinsics = cli_intrinsics(args, image)
-        patient = ct.load_patient(args.ct) if args.ct else None
-        config = RegistrationConfig(intensity_refine=bool(args.refine))
+        patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
         result = registrar.register(image, intrinsics)
     except ValueError as error:  # CTError and CheckpointError are ValueErrors

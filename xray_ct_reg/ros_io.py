@@ -2,12 +2,15 @@
 
 Millimetres become metres here and nowhere else: TF and geometry_msgs poses carry metres
 (REP 103), the core works in millimetres. Image conversion uses ``cv_bridge`` when it imports
-(a real ROS install) and otherwise a small numpy conversion for the encodings a C-arm uses:
-``mono8``/``8UC1``, ``mono16``/``16UC1`` and ``32FC1``, honouring ``step`` (row padding) and
-``is_bigendian``. TF goes out through ``tf2_ros.TransformBroadcaster`` when it imports, else
-through a ``tf2_msgs/TFMessage`` publisher on ``/tf`` with tf2_ros's QoS.
+(a real ROS install) and otherwise a small numpy conversion for the encodings a C-arm uses
+(``image_io.IMAGE_ENCODINGS``), honouring ``step`` (row padding) and ``is_bigendian``. TF goes
+out through ``tf2_ros.TransformBroadcaster`` when it imports, else through a
+``tf2_msgs/TFMessage`` publisher on ``/tf`` with tf2_ros's QoS. ``select_transport_profile``
+points Fast DDS at the package's profile for full-size frames.
 """
 import array
+import os
+from pathlib import Path
 import sys
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
@@ -15,7 +18,7 @@ import numpy as np
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
-from xray_ct_reg import geometry
+from xray_ct_reg import geometry, image_io
 
 try:  # a real ROS install has cv_bridge; PyPI does not
     from cv_bridge import CvBridge
@@ -28,20 +31,48 @@ except ImportError:  # pragma: no cover - depends on the installation
     TransformBroadcaster = None
 
 MM_PER_M = 1000.0
-
-# encoding -> numpy dtype (native kind; byte order comes from is_bigendian)
-ENCODINGS = {
-    'mono8': np.uint8,
-    '8UC1': np.uint8,
-    'mono16': np.uint16,
-    '16UC1': np.uint16,
-    '32FC1': np.float32,
-}
+PACKAGE = 'xray_ct_reg'
+TRANSPORT_PROFILE = 'config/fastdds_profile.xml'
+PROFILE_VARIABLES = ('FASTRTPS_DEFAULT_PROFILES_FILE', 'FASTDDS_DEFAULT_PROFILES_FILE')
 
 # tf2_ros.TransformBroadcaster's QoS
 TF_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
                     reliability=ReliabilityPolicy.RELIABLE,
                     durability=DurabilityPolicy.VOLATILE)
+
+
+# ----------------------------------------------------------------------------- files
+def package_file(relative):
+    """Path of a file shipped with the package, or '' when there is none.
+
+    The installed share directory comes first, then the source tree.
+    """
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / relative)
+    except (ImportError, LookupError, OSError, ValueError):  # no ament index here
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / relative)
+    return next((str(path) for path in candidates if path.is_file()), '')
+
+
+def select_transport_profile():
+    """Point Fast DDS at the package's transport profile unless the user chose a profile.
+
+    Call before ``rclpy.init``. Full-size C-arm frames (2-5 MB) need the shared-memory
+    transport with large segments (``config/fastdds_profile.xml``); Fast DDS reads the file
+    named by ``FASTRTPS_DEFAULT_PROFILES_FILE``. Returns the profile used ('' for none: another
+    RMW, or the variable already set).
+    """
+    if any(os.environ.get(name) for name in PROFILE_VARIABLES):
+        return ''
+    if not os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp').startswith('rmw_fastrtps'):
+        return ''
+    profile = package_file(TRANSPORT_PROFILE)
+    if profile:
+        os.environ[PROFILE_VARIABLES[0]] = profile
+    return profile
 
 
 # ----------------------------------------------------------------------------- time
@@ -53,10 +84,7 @@ def stamp_to_ns(stamp):
 # ----------------------------------------------------------------------------- images
 def _check_image(msg):
     """Validate an Image's encoding and buffer size; return its numpy dtype."""
-    if msg.encoding not in ENCODINGS:
-        raise ValueError(f"unsupported image encoding '{msg.encoding}' "
-                         f"(supported: {', '.join(ENCODINGS)})")
-    dtype = np.dtype(ENCODINGS[msg.encoding])
+    dtype = image_io.encoding_dtype(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f'empty image ({width}x{height})')
@@ -98,12 +126,11 @@ def array_to_image_msg(image, encoding, header=None):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'bgr8 needs an (H, W, 3) image, got shape {image.shape}')
         data = np.ascontiguousarray(image, dtype=np.uint8)
-    elif encoding in ENCODINGS:
+    else:
+        dtype = image_io.encoding_dtype(encoding)
         if image.ndim != 2:
             raise ValueError(f'{encoding} needs a 2D image, got shape {image.shape}')
-        data = np.ascontiguousarray(image.astype(ENCODINGS[encoding], copy=False))
-    else:
-        raise ValueError(f"unsupported image encoding '{encoding}'")
+        data = np.ascontiguousarray(image.astype(dtype, copy=False))
     if data.size == 0:
         raise ValueError('empty image')
     msg.height, msg.width = int(data.shape[0]), int(data.shape[1])

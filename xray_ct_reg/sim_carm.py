@@ -22,10 +22,9 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
-from xray_ct_reg import geometry, ros_io
+from xray_ct_reg import geometry, image_io, ros_io
 
 NODE_NAME = 'simulated_carm'
-ENCODING_SCALE = {'mono8': 255.0, 'mono16': 65535.0, '32FC1': 1.0}
 
 
 @dataclass
@@ -35,16 +34,6 @@ class Frame:
     image: np.ndarray
     intrinsics: geometry.Intrinsics
     pose: np.ndarray
-
-
-def to_encoding(image01, encoding):
-    """Scale a [0, 1] image to the value range of ``encoding`` (mono8, mono16 or 32FC1)."""
-    if encoding not in ENCODING_SCALE:
-        raise ValueError(f'encoding must be one of {sorted(ENCODING_SCALE)}, got {encoding!r}')
-    scaled = np.clip(np.asarray(image01, dtype=np.float64), 0.0, 1.0) * ENCODING_SCALE[encoding]
-    if encoding == '32FC1':
-        return scaled.astype(np.float32)
-    return np.round(scaled).astype(np.uint8 if encoding == 'mono8' else np.uint16)
 
 
 def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', seed=0,
@@ -71,7 +60,8 @@ def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', 
         if rendered_size != size:
             image = cv2.resize(np.asarray(image, dtype=np.float32), (int(size), int(size)),
                                interpolation=cv2.INTER_LINEAR)
-        frames.append(Frame(to_encoding(image, encoding), intrinsics, np.asarray(pose, float)))
+        frames.append(Frame(image_io.to_encoding(image, encoding), intrinsics,
+                            np.asarray(pose, float)))
     return frames
 
 
@@ -134,7 +124,8 @@ class SimulatedCarm(Node):
             ('ct_path', 'example', "CT to render ('example' = embedded chest CT)", None),
             ('size', 256, 'published image size (px, square)', (16, 4096)),
             ('render_size', 256, 'render at most this size, then resize (px)', (16, 4096)),
-            ('encoding', 'mono16', 'image encoding: mono8, mono16 or 32FC1', None),
+            ('encoding', 'mono16', f"image encoding: {', '.join(image_io.WRITE_ENCODINGS)}",
+             None),
             ('polarity', 'bright_bone', "image polarity: 'bright_bone', 'dark_bone' or 'random'",
              None),
             ('rate_hz', 5.0, 'publishing rate (Hz)', (0.01, 1000.0)),
