@@ -4,18 +4,23 @@
 
 Arguments: model (checkpoint; default the committed example), ct (CT to check the model
 against; default none), namespace, params_file (default the installed
-config/registration.yaml), autostart (configure + activate at start; default true).
+config/registration.yaml), autostart (configure + activate at start; default true),
+transport_profile (Fast DDS XML profile for full-size frames; default
+$FASTRTPS_DEFAULT_PROFILES_FILE, else the installed config/fastdds_profile.xml; the C-arm driver
+should load the same profile).
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PythonExpression
 from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
+
+PROFILE_VARIABLE = 'FASTRTPS_DEFAULT_PROFILES_FILE'
 
 
 def generate_launch_description():
@@ -36,6 +41,13 @@ def generate_launch_description():
                               description='parameter file'),
         DeclareLaunchArgument('autostart', default_value='true',
                               description='configure and activate at start'),
+        DeclareLaunchArgument(
+            'transport_profile',
+            default_value=EnvironmentVariable(
+                PROFILE_VARIABLE,
+                default_value=os.path.join(share, 'config', 'fastdds_profile.xml')),
+            description='Fast DDS XML profile (shared memory for full-size frames)'),
+        SetEnvironmentVariable(PROFILE_VARIABLE, LaunchConfiguration('transport_profile')),
     ]
     node_kwargs = dict(package='xray_ct_reg', executable='xray_ct_reg_node',
                        name='xray_ct_reg_node', namespace=LaunchConfiguration('namespace'),

@@ -79,6 +79,8 @@ def rclpy_context(ros_sandbox):
     import rclpy
     from rclpy.context import Context
 
+    from xray_ct_reg import ros_io
+    ros_io.select_transport_profile()
     context = Context()
     rclpy.init(context=context)
     try:

@@ -1,4 +1,4 @@
-"""One source per setting: the dataclass fields generate parameters, YAML comments, --params-file."""
+"""One source per setting: dataclass fields make parameters, YAML comments, --params-file."""
 import argparse
 import subprocess
 import sys

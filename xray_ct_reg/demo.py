@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from xray_ct_reg import geometry, image_io, ros_io
+from xray_ct_reg import geometry, image_io, ros_io, settings
 
 TIMEOUT_S = 60.0
 
@@ -53,10 +53,11 @@ def _spin_in_background(executor):
 
 
 def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_FUSION_SDD_MM,
-                          intensity_refine=False):
+                          config=None):
     """Feed bag frames (``bag.read_frames``) one by one through the node, in this process.
 
     Each frame waits for the node's verdict before the next is sent, so none is dropped.
+    ``config`` (a ``RegistrationConfig``) sets the node's registration parameters.
     Returns per frame (result dict with accepted, reason, pose (from /tf, mm), covariance; or
     None) and an error string, like ``bag.register_offline``.
     """
@@ -69,7 +70,9 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     from std_msgs.msg import Header
 
     from xray_ct_reg.node import RegistrationNode
+    from xray_ct_reg.register import RegistrationConfig
 
+    ros_io.select_transport_profile()
     context = Context()
     rclpy.init(context=context)
     executor = MultiThreadedExecutor(num_threads=2, context=context)
@@ -80,11 +83,12 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
             verdicts[stamp] = (verdict, reason, result)
             done.notify_all()
 
+    config = config or RegistrationConfig()
     overrides = [Parameter('model_path', value=str(model_path)),
                  Parameter('ct_path', value=str(ct_path)), Parameter('sdd_mm', value=sdd_mm),
-                 Parameter('image_qos', value='reliable'),
-                 Parameter('intensity_refine', value=bool(intensity_refine)),
-                 Parameter('publish_overlay', value=False)]
+                 Parameter('image_qos', value='reliable'), Parameter('publish_overlay', value=False)]
+    overrides += [Parameter(spec.name, value=getattr(config, spec.name))
+                  for spec in settings.specs(RegistrationConfig)]
     node = RegistrationNode(context=context, parameter_overrides=overrides)
     node.result_callback = on_result
     feeder = Node('xray_ct_reg_replay_feeder', context=context)
@@ -187,6 +191,7 @@ def run_demo(args):
     out.mkdir(parents=True, exist_ok=True)
     print(f'loading the example CT and rendering {args.frames} frames ...', flush=True)
     patient = ct.load_patient('example')
+    ros_io.select_transport_profile()
     context = Context()
     rclpy.init(context=context)
     executor = MultiThreadedExecutor(num_threads=2, context=context)

@@ -177,6 +177,7 @@ class SimulatedCarm(Node):
 
 def main(args=None) -> int:
     """Run the simulated C-arm until SIGINT; return the exit status."""
+    ros_io.select_transport_profile()
     rclpy.init(args=args)
     node = None
     try:
