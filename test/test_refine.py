@@ -75,3 +75,56 @@ def test_refinement_of_a_blank_image_keeps_the_pose(patient):
     np.testing.assert_array_equal(refined, start)
     assert not info['improved'] and info['exposed_fraction'] == 0.0
     assert not np.isfinite(info['ncc_after'])
+
+
+def _burn_cpu(seconds):
+    """Keep one core busy (another job on the machine)."""
+    import time
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_refinement_is_deterministic_under_load_and_a_budget_only_rejects(patient):
+    """Same image and start, same pose, idle or busy; a short budget only rejects.
+
+    A budget too short to finish the fixed schedule returns the start unrefined, and the gate
+    rejects it.
+    """
+    import multiprocessing
+    import os
+
+    from xray_ct_reg import drr, simulate
+    from xray_ct_reg.register import intensity_gates
+    projector = drr.DRRProjector(patient.ct)
+    rng = np.random.default_rng(8)
+    truth = geometry.carm_pose(patient.bone_centroid, lao_deg=-15.0, cranial_deg=5.0)
+    intrinsics = geometry.default_intrinsics(96)
+    image = simulate.xray_appearance(projector.render(truth, intrinsics), rng)
+    start = geometry.compose(geometry.pose_from_rotvec(np.radians([1.0, 1.0, -1.0]),
+                                                       [4.0, 3.0, -5.0]), truth)
+    quiet, quiet_info = refine.refine_pose(projector, image, intrinsics, start,
+                                           centre_ct=patient.bone_centroid)
+    burners = [multiprocessing.Process(target=_burn_cpu, args=(60.0,))
+               for _ in range(os.cpu_count() or 2)]
+    for burner in burners:
+        burner.start()
+    try:
+        busy, busy_info = refine.refine_pose(projector, image, intrinsics, start,
+                                             centre_ct=patient.bone_centroid)
+    finally:
+        for burner in burners:
+            burner.terminate()
+            burner.join()
+    assert quiet_info['finished'] and busy_info['finished']
+    assert busy_info['time_s'] > quiet_info['time_s'], 'the load did not slow the refinement'
+    np.testing.assert_array_equal(busy, quiet)
+    assert busy_info['ncc_after'] == quiet_info['ncc_after']
+    assert busy_info['iterations'] == quiet_info['iterations']
+
+    cut, cut_info = refine.refine_pose(projector, image, intrinsics, start, time_budget_s=0.05,
+                                       centre_ct=patient.bone_centroid)
+    assert not cut_info['finished']
+    np.testing.assert_array_equal(cut, start)
+    accepted, reason = intensity_gates(cut, cut_info, intrinsics, patient.bone_centroid)
+    assert not accepted and 'did not finish' in reason

@@ -86,7 +86,8 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     config = config or RegistrationConfig()
     overrides = [Parameter('model_path', value=str(model_path)),
                  Parameter('ct_path', value=str(ct_path)), Parameter('sdd_mm', value=sdd_mm),
-                 Parameter('image_qos', value='reliable'), Parameter('publish_overlay', value=False)]
+                 Parameter('image_qos', value='reliable'),
+                 Parameter('publish_overlay', value=False)]
     overrides += [Parameter(spec.name, value=getattr(config, spec.name))
                   for spec in settings.specs(RegistrationConfig)]
     node = RegistrationNode(context=context, parameter_overrides=overrides)

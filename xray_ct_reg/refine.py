@@ -7,6 +7,10 @@ centroid when given) so that rotation and translation are decoupled:
 ``p' = exp([dr]) (p - c) + c + dt`` in the imager frame, with ``dr`` scaled by ``RADIUS_MM`` so
 one unit of either parameter moves the bone by about a millimetre.
 
+The schedule of steps is fixed (no wall-clock stopping), so a result never depends on the
+machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
+and the registrar rejects the frame.
+
 Only exposed pixels count (``exposed_mask``): collimator shutters and detector saturation give
 flat regions at an end of the grey range that carry no anatomy and would pull the NCC down.
 
@@ -115,21 +119,29 @@ def _similarity(projector, pose, level, polarity):
                                     target, exposed))
 
 
+class BudgetExceeded(RuntimeError):
+    """The refinement's fixed schedule did not finish within its time budget."""
+
+
 def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadline, delta=None):
-    """Adam ascent of the NCC over a perturbation of ``pose``; returns (delta, steps taken)."""
+    """Adam ascent of the NCC over a perturbation of ``pose``; returns the perturbation.
+
+    Always takes exactly ``steps`` steps (a fixed schedule: the same input gives the same pose
+    under any load); raises BudgetExceeded when the deadline passes first.
+    """
     target, exposed, level_intrinsics = level
     if delta is None:
         delta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=rate)
-    taken = 0
-    while taken < steps and time.perf_counter() < deadline:
+    for _ in range(steps):
+        if time.perf_counter() > deadline:
+            raise BudgetExceeded
         optimiser.zero_grad()
         rendered = projector.render_torch(_perturbed_pose(pose, delta, centre_imager),
                                           level_intrinsics).double()
         (-polarity * ncc(rendered, target, exposed)).backward()
         optimiser.step()
-        taken += 1
-    return delta, taken
+    return delta
 
 
 def _along_beam(pose, centre_imager, offset_mm):
@@ -140,20 +152,24 @@ def _along_beam(pose, centre_imager, offset_mm):
     return moved
 
 
-def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(32, 64),
-                iterations=(60, 30), centre_ct=None):
+def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
+                levels=(32, 64), iterations=(60, 30), centre_ct=None):
     """Refine ``pose`` (T_imager_ct) by masked NCC between ``image`` and DRRs, coarse to fine.
 
-    ``levels`` are the longer image sides (px) of the levels, ``iterations`` the most Adam steps
-    per level; the whole refinement stops after ``time_budget_s``. ``centre_ct`` (CT mm) is the
-    rotation centre (default: the point 620 mm along the central ray). Steps: both polarities
+    ``levels`` are the longer image sides (px) of the levels, ``iterations`` the Adam steps per
+    level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
+    central ray). Steps: both polarities
     climb for POLARITY_TRIAL_STEPS at the coarsest level and the better one goes on; after the
     levels, a line search along the beam (DEPTH_SEARCH_MM, the weak direction of one view) and
     POLISH_STEPS at the finest level. Returns (pose, info) with info = {ncc_before, ncc_after
     (of the returned pose), depth_margin, iterations, time_s, polarity, improved,
-    exposed_fraction} (NCC at the finest level over its exposed pixels; polarity +1 when the
-    X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the NCC of the pose
+    exposed_fraction, finished} (NCC at the finest level over its exposed pixels; polarity +1
+    when the X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the NCC of the pose
     shifted DEPTH_PROBE_MM either way along the beam, <= 0 when depth has not converged).
+
+    The schedule is fixed, so the result does not depend on the machine's speed or load. When
+    it cannot finish within ``time_budget_s`` it stops there and returns the start pose with
+    ``finished`` False and NaN scores: a frame to reject, never a truncated optimisation.
     """
     started = time.perf_counter()
     deadline = started + time_budget_s
@@ -169,19 +185,30 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     mask = exposed_mask(finest_image)
     targets = [_level_target(finest_image, mask, finest_input, size) for size in levels]
     finest = targets[-1]
-    info = {'exposed_fraction': float(finest[1].double().mean()), 'iterations': 0}
-    if finest[1].sum() < 16:
-        info.update(ncc_before=float('nan'), ncc_after=float('nan'),
-                    depth_margin=float('nan'), polarity=0.0,
-                    improved=False, time_s=time.perf_counter() - started)
-        return np.asarray(pose, dtype=float), info
-    rates = LEARNING_RATES[-len(levels):]
+    info = {'exposed_fraction': float(finest[1].double().mean()), 'iterations': 0,
+            'ncc_before': float('nan'), 'ncc_after': float('nan'), 'depth_margin': float('nan'),
+            'polarity': 0.0, 'improved': False, 'finished': True}
+    refined = pose0
+    if finest[1].sum() >= 16:  # else: nothing to compare, the start pose is returned
+        try:
+            refined, scores = _schedule(projector, pose0, centre_imager, targets, iterations,
+                                        deadline)
+            info.update(scores)
+        except BudgetExceeded:
+            info['finished'] = False
+    info['time_s'] = time.perf_counter() - started
+    return refined.numpy(), info
+
+
+def _schedule(projector, pose0, centre_imager, targets, iterations, deadline):
+    """The fixed refinement schedule; returns (refined pose tensor, scores for the info)."""
+    finest = targets[-1]
+    rates = LEARNING_RATES[-len(targets):]
     # polarity: both climb a little at the coarsest level; the better one goes on
     trials = []
     for polarity in (1.0, -1.0):
-        delta, taken = _climb(projector, pose0, centre_imager, targets[0], polarity,
-                              POLARITY_TRIAL_STEPS, rates[0], deadline)
-        info['iterations'] += taken
+        delta = _climb(projector, pose0, centre_imager, targets[0], polarity,
+                       POLARITY_TRIAL_STEPS, rates[0], deadline)
         score = _similarity(projector, _perturbed_pose(pose0, delta.detach(), centre_imager),
                             targets[0], polarity)
         trials.append((score, polarity, delta))
@@ -189,9 +216,8 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     ncc_before = _similarity(projector, pose0, finest, polarity)
     for index, (level, count, rate) in enumerate(zip(targets, iterations, rates, strict=True)):
         remaining = count - (POLARITY_TRIAL_STEPS if index == 0 else 0)
-        delta, taken = _climb(projector, pose0, centre_imager, level, polarity, remaining, rate,
-                              deadline, delta)
-        info['iterations'] += taken
+        delta = _climb(projector, pose0, centre_imager, level, polarity, remaining, rate,
+                       deadline, delta)
     candidate = _perturbed_pose(pose0, delta.detach(), centre_imager)
     # depth: line search along the beam, then a polish at the finest level
     beam_centre = candidate[:3, :3] @ (
@@ -201,9 +227,8 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     ncc_after, best_offset = max(scores)
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
-        polish, taken = _climb(projector, candidate, beam_centre, finest, polarity,
-                               POLISH_STEPS, rates[-1], deadline)
-        info['iterations'] += taken
+        polish = _climb(projector, candidate, beam_centre, finest, polarity, POLISH_STEPS,
+                        rates[-1], deadline)
         candidate = _perturbed_pose(candidate, polish.detach(), beam_centre)
         ncc_after = _similarity(projector, candidate, finest, polarity)
     improved = ncc_after > ncc_before
@@ -211,6 +236,6 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=8.0, levels=(3
     final = ncc_after if improved else ncc_before
     probes = [_similarity(projector, _along_beam(refined, beam_centre, offset), finest, polarity)
               for offset in (-DEPTH_PROBE_MM, DEPTH_PROBE_MM)]
-    info.update(ncc_before=ncc_before, ncc_after=final, depth_margin=final - max(probes),
-                polarity=polarity, improved=improved, time_s=time.perf_counter() - started)
-    return refined.numpy(), info
+    steps = POLARITY_TRIAL_STEPS + sum(iterations) + (POLISH_STEPS if best_offset else 0)
+    return refined, dict(ncc_before=ncc_before, ncc_after=final, iterations=steps,
+                         depth_margin=final - max(probes), polarity=polarity, improved=improved)

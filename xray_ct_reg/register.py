@@ -348,11 +348,16 @@ def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intri
 def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
     """Decide whether an intensity-refined pose may be used. Returns (accepted, reason).
 
-    ``refine_info`` is the info dict of ``refine.refine_pose``. Checks the exposed fraction of
-    the image, the NCC at the refined pose, that the NCC peaks there along the beam (the weak
-    direction of one view: a pose still climbing in depth is unconverged), then ``pose_gates``.
+    ``refine_info`` is the info dict of ``refine.refine_pose``. Checks that the refinement
+    finished its fixed schedule within the time budget (a truncated one is never used), the
+    exposed fraction of the image, the NCC at the refined pose, that the NCC peaks there along
+    the beam (the weak direction of one view: a pose still climbing in depth is unconverged),
+    then ``pose_gates``.
     """
     config = config or RegistrationConfig()
+    if not refine_info.get('finished', False):
+        return False, (f'intensity refinement did not finish within its time budget '
+                       f'({config.refine_time_budget_s:g} s)')
     exposed = refine_info.get('exposed_fraction', 0.0)
     if not exposed >= config.min_exposed_fraction:
         return False, (f'too little anatomy visible for the intensity check ({exposed:.2f} of the '
