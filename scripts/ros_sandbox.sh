@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command inside a private network namespace that has only loopback, so that DDS
-# (ROS 2 discovery by UDP multicast) never leaves this machine, with a per-run ROS_DOMAIN_ID.
+# (ROS 2 discovery by UDP multicast) never leaves this machine, with a per-run ROS_DOMAIN_ID
+# and the package's Fast DDS transport profile (config/fastdds_profile.xml).
 #
 #   scripts/ros_sandbox.sh CMD [ARGS...]
 #
@@ -16,6 +17,10 @@ fi
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 1 ))}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
+# Fast DDS transport profile for full-size C-arm frames (shared memory with large segments);
+# every process on the image path, publisher first, must load it. Keeps a profile already set.
+profile="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/config/fastdds_profile.xml"
+export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$profile}"
 
 if [[ "${XRAY_CT_REG_SANDBOX:-}" == "1" ]]; then
     exec "$@"

@@ -559,3 +559,31 @@ def test_full_size_frames_reach_the_node_from_either_reliability(harness, untrai
     print(f'\ndelivery of {DELIVERY_FRAMES} frames at {DELIVERY_RATE_HZ} Hz: {report}')
     for size, name, received in report:
         assert received >= 0.99 * DELIVERY_FRAMES, (size, name, received, report)
+
+
+def test_camera_info_pairs_in_either_order_and_with_jitter(harness, frames, untrained_model):
+    """RELIABLE QoS, CameraInfo before or up to 0.3 s after its image: every frame pairs."""
+    from std_msgs.msg import Header
+    node = harness(untrained_model, '-p', 'intensity_refine:=false', '-p', 'ct_path:=""',
+                   '-p', 'image_qos:=reliable')
+    node.wait_ready()
+    frame = frames[0]
+    jitter = np.random.default_rng(6).uniform(0.0, 0.3, 12)
+    for index, delay in enumerate(jitter):
+        stamp = time.time_ns()
+        header = Header(frame_id='carm')
+        header.stamp.sec, header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        info = ros_io.intrinsics_to_camera_info(frame.intrinsics, header)
+        if index % 2:
+            node.publish(frame.image, frame.intrinsics, stamp_ns=stamp, info=False)
+            node.spin(delay)
+            node.info_pub.publish(info)
+        else:
+            node.info_pub.publish(info)
+            node.spin(delay)
+            node.publish(frame.image, frame.intrinsics, stamp_ns=stamp, info=False)
+        node.wait_diag(lambda _l, _m, v, n=index + 1: int(v['rejected']) + int(v['errors'])
+                       + int(v['accepted']) >= n, seconds=30.0)
+    _, _, values = node.diag()
+    assert values['camera_info_paired'] == '12', values
+    assert values['camera_info_missing'] == '0' and values['errors'] == '0', values

@@ -175,3 +175,14 @@ def test_latency_percentiles(clock):
     assert stats['arrival_to_verdict_p95_ms'] == pytest.approx(95.05, abs=0.1)
     assert stats['stamp_to_tf_p95_ms'] == pytest.approx(95.05, abs=0.1)
     assert stats['processed_rate_hz'] > 0
+
+
+def test_rates_count_every_event_of_the_window(clock):
+    core = make_core(clock)
+    for index in range(300):                     # 30 Hz for 10 s
+        clock.now += 1.0 / 30.0
+        core.offer_image(index, (index + 1) * SECOND, KEY)
+    assert core.stats()['input_rate_hz'] == pytest.approx(30.0, abs=0.2)
+    clock.now += 20.0
+    core.offer_image('late', 400 * SECOND, KEY)
+    assert core.stats()['input_rate_hz'] == pytest.approx(0.1)

@@ -110,6 +110,13 @@ class Frame:
     camera_info: object = None
 
 
+def _append_recent(times, now):
+    """Append ``now`` to a deque of event times, dropping those older than RATE_WINDOW_S."""
+    times.append(now)
+    while now - times[0] > RATE_WINDOW_S:
+        times.popleft()
+
+
 def _percentiles(values):
     """p50 and p95 of a sequence (NaN when empty), rounded to 0.1."""
     if not values:
@@ -145,8 +152,8 @@ class StreamCore:
             self._counts = collections.Counter()
             self._arrival_to_verdict_ms = collections.deque(maxlen=STATS_WINDOW)
             self._stamp_to_tf_ms = collections.deque(maxlen=STATS_WINDOW)
-            self._arrivals = collections.deque(maxlen=STATS_WINDOW)
-            self._verdict_times = collections.deque(maxlen=STATS_WINDOW)
+            self._arrivals = collections.deque()        # times within RATE_WINDOW_S
+            self._verdict_times = collections.deque()
             self._last_verdict, self._last_reason = 'none', ''
             self._activated_at = self._clock()
 
@@ -172,7 +179,7 @@ class StreamCore:
             frame = Frame(payload, int(stamp_ns), tuple(tf_key), now,
                           self._camera_infos.get(int(stamp_ns)))
             self._counts['received'] += 1
-            self._arrivals.append(now)
+            _append_recent(self._arrivals, now)
             refusal = self.stamp_refusal(frame.stamp_ns, frame.tf_key)
             if refusal:
                 self._counts['stamp_refused'] += 1
@@ -256,7 +263,7 @@ class StreamCore:
             self._arrival_to_verdict_ms.append((now - frame.received) * 1e3)
             if stamp_to_tf_ms is not None:
                 self._stamp_to_tf_ms.append(float(stamp_to_tf_ms))
-            self._verdict_times.append(now)
+            _append_recent(self._verdict_times, now)
             self._last_verdict, self._last_reason = verdict, reason
             if frame is self._current:
                 self._current = None
@@ -291,6 +298,7 @@ class StreamCore:
 
             def rate(times):
                 return round(sum(now - t <= RATE_WINDOW_S for t in times) / RATE_WINDOW_S, 2)
+
 
             return {
                 'frames_received': counts['received'],
