@@ -119,12 +119,25 @@ class Harness:
         assert self.spin(60.0, lambda: self.image_pub.get_subscription_count() > 0), \
             'node never subscribed:\n' + ''.join(self.log)
 
-    def _call(self, service_type, name, request, timeout=60.0):
-        """Call a service of the node (clients are made once and kept); return the response."""
+    def _call(self, service_type, name, request, warm_up, timeout=60.0):
+        """Call a service of the node; return the response.
+
+        A client is made once per service. rmw_fastrtps may report a service available before
+        the response path is matched, so a new client first sends the harmless ``warm_up``
+        request until one is answered.
+        """
         client = self.clients.get(name)
         if client is None:
-            client = self.clients[name] = self.node.create_client(service_type, NODE + name)
-        assert client.wait_for_service(timeout_sec=20.0), f'{name} not available'
+            client = self.node.create_client(service_type, NODE + name)
+            assert client.wait_for_service(timeout_sec=20.0), f'{name} not available'
+            for _ in range(15):
+                future = client.call_async(warm_up)
+                self.executor.spin_until_future_complete(future, timeout_sec=2.0)
+                if future.done():
+                    break
+            else:
+                pytest.fail(f'{name}: no answer to 15 requests:\n' + ''.join(self.log))
+            self.clients[name] = client
         future = client.call_async(request)
         self.executor.spin_until_future_complete(future, timeout_sec=timeout)
         assert future.done(), f'{name}: no answer within {timeout} s:\n' + ''.join(self.log)
@@ -133,14 +146,16 @@ class Harness:
     def state(self):
         """Lifecycle state label via lifecycle_msgs/GetState."""
         from lifecycle_msgs.srv import GetState
-        return self._call(GetState, '/get_state', GetState.Request()).current_state.label
+        request = GetState.Request()
+        return self._call(GetState, '/get_state', request, request).current_state.label
 
     def change_state(self, transition_id):
         """Trigger a lifecycle transition via lifecycle_msgs/ChangeState; return success."""
         from lifecycle_msgs.srv import ChangeState
-        request = ChangeState.Request()
+        request, invalid = ChangeState.Request(), ChangeState.Request()
         request.transition.id = transition_id
-        return self._call(ChangeState, '/change_state', request).success
+        invalid.transition.id = 99  # no such transition: refused, changes nothing
+        return self._call(ChangeState, '/change_state', request, invalid).success
 
     def set_parameters(self, **values):
         """Set parameters of the running node via rcl_interfaces/SetParameters; the result."""
@@ -148,7 +163,8 @@ class Harness:
         from rclpy.parameter import Parameter
         request = SetParameters.Request(parameters=[
             Parameter(name, value=value).to_parameter_msg() for name, value in values.items()])
-        return self._call(SetParameters, '/set_parameters', request).results[0]
+        return self._call(SetParameters, '/set_parameters', request,
+                          SetParameters.Request()).results[0]
 
     def publish(self, image, intrinsics, encoding='mono16', stamp_ns=None, info=True,
                 frame_id='carm', publisher=None):
@@ -587,3 +603,23 @@ def test_camera_info_pairs_in_either_order_and_with_jitter(harness, frames, untr
     _, _, values = node.diag()
     assert values['camera_info_paired'] == '12', values
     assert values['camera_info_missing'] == '0' and values['errors'] == '0', values
+
+
+def test_simulated_carm_parameters_come_from_its_settings(rclpy_context, patient):
+    from rclpy.parameter import Parameter
+
+    from xray_ct_reg import settings
+    from xray_ct_reg.sim_carm import SimCarmConfig, SimulatedCarm
+    small = [Parameter('pool_size', value=1), Parameter('size', value=64),
+             Parameter('render_size', value=64)]
+    carm = SimulatedCarm(patient=patient, context=rclpy_context, parameter_overrides=small)
+    try:
+        assert carm.config.size == 64 and len(carm.frames) == 1
+        assert carm.frames[0].image.shape == (64, 64)
+        for spec in settings.specs(SimCarmConfig):
+            assert carm.describe_parameter(spec.name).description == spec.description
+    finally:
+        carm.destroy_node()
+    with pytest.raises(ValueError, match='encoding must be one of'):
+        SimulatedCarm(patient=patient, context=rclpy_context,
+                      parameter_overrides=[*small, Parameter('encoding', value='rgb8')])

@@ -120,7 +120,7 @@ def test_gates_reject_a_view_far_from_ap():
 
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
-    good = {'ncc_after': 0.99, 'exposed_fraction': 0.8, 'depth_margin': 0.002}
+    good = {'ncc_after': 0.99, 'exposed_fraction': 0.8, 'depth_margin': 0.002, 'finished': True}
     assert intensity_gates(truth, good, intrinsics, centre) == (True, '')
     accepted, why = intensity_gates(truth, dict(good, ncc_after=0.9), intrinsics, centre)
     assert not accepted and 'NCC 0.900' in why
@@ -130,6 +130,8 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
     assert not accepted and 'depth' in why
     accepted, why = intensity_gates(truth, dict(good, exposed_fraction=0.05), intrinsics, centre)
     assert not accepted and 'anatomy' in why
+    accepted, why = intensity_gates(truth, dict(good, finished=False), intrinsics, centre)
+    assert not accepted and 'did not finish' in why
     far = geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth)
     accepted, why = intensity_gates(far, good, intrinsics, centre)
     assert not accepted and 'distance' in why

@@ -24,12 +24,7 @@ import threading
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
-from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
-    ParameterDescriptor,
-    SetParametersResult,
-)
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
@@ -44,26 +39,12 @@ from xray_ct_reg.stream import NodeConfig, StreamCore
 NODE_NAME = settings.NODE_NAME
 DEFAULT_MODEL = 'models/chest_example.pt'
 LOG_THROTTLE_S = 2.0
-SPECS = {spec.name: spec for spec in settings.specs(NodeConfig, RegistrationConfig)}
+SPECS = {spec.name: spec for spec in settings.node_specs()}
 
 
 def default_model_path():
     """The committed example model: installed share dir first, then the source tree ('' if none)."""
     return ros_io.package_file(DEFAULT_MODEL)
-
-
-def parameter_descriptor(spec):
-    """ParameterDescriptor of a setting: description, range, choices, read-only unless live."""
-    descriptor = ParameterDescriptor(description=spec.description, read_only=not spec.live)
-    if spec.limits is not None and spec.kind is float:
-        descriptor.floating_point_range = [
-            FloatingPointRange(from_value=float(spec.limits[0]), to_value=float(spec.limits[1]))]
-    elif spec.limits is not None:
-        descriptor.integer_range = [
-            IntegerRange(from_value=int(spec.limits[0]), to_value=int(spec.limits[1]), step=1)]
-    if spec.choices is not None:
-        descriptor.additional_constraints = f"one of: {', '.join(spec.choices)}"
-    return descriptor
 
 
 class RegistrationNode(LifecycleNode):
@@ -72,8 +53,7 @@ class RegistrationNode(LifecycleNode):
     def __init__(self, **kwargs):
         """Declare the parameters and the always-on diagnostics; nothing else until configure."""
         super().__init__(NODE_NAME, **kwargs)
-        for spec in SPECS.values():
-            self.declare_parameter(spec.name, spec.default, parameter_descriptor(spec))
+        ros_io.declare_settings(self, SPECS.values())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._answer_invalid_transitions()
         self._config = NodeConfig()

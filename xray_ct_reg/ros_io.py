@@ -75,6 +75,32 @@ def select_transport_profile():
     return profile
 
 
+# ----------------------------------------------------------------------------- parameters
+def parameter_descriptor(spec):
+    """ParameterDescriptor of a setting: description, range, choices, read-only unless live."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+    descriptor = ParameterDescriptor(description=spec.description, read_only=not spec.live)
+    if spec.limits is not None and spec.kind is float:
+        descriptor.floating_point_range = [
+            FloatingPointRange(from_value=float(spec.limits[0]), to_value=float(spec.limits[1]))]
+    elif spec.limits is not None:
+        descriptor.integer_range = [
+            IntegerRange(from_value=int(spec.limits[0]), to_value=int(spec.limits[1]), step=1)]
+    if spec.choices is not None:
+        descriptor.additional_constraints = f"one of: {', '.join(spec.choices)}"
+    return descriptor
+
+
+def declare_settings(node, specs):
+    """Declare a parameter per setting (``settings.Spec``) on ``node``; return their values.
+
+    The values (by name) include the overrides given at start (-p, --params-file).
+    """
+    for spec in specs:
+        node.declare_parameter(spec.name, spec.default, parameter_descriptor(spec))
+    return {spec.name: node.get_parameter(spec.name).value for spec in specs}
+
+
 # ----------------------------------------------------------------------------- time
 def stamp_to_ns(stamp):
     """A builtin_interfaces/Time as integer nanoseconds (a hashable key)."""

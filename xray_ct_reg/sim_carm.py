@@ -14,7 +14,6 @@ import sys
 
 from geometry_msgs.msg import PoseStamped
 import numpy as np
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -22,7 +21,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
-from xray_ct_reg import geometry, image_io, ros_io
+from xray_ct_reg import geometry, image_io, ros_io, settings
+from xray_ct_reg.settings import setting
 
 NODE_NAME = 'simulated_carm'
 
@@ -85,6 +85,31 @@ def read_poses(path):
     return poses
 
 
+@dataclass
+class SimCarmConfig:
+    """Simulated C-arm: frame pool, rate and topics."""
+
+    ct_path: str = setting('example', "CT to render ('example' = embedded chest CT)")
+    size: int = setting(256, 'published image size (px, square)', limits=(16, 4096))
+    render_size: int = setting(256, 'render at most this size, then resize (px)',
+                               limits=(16, 4096))
+    encoding: str = setting('mono16', 'image encoding', choices=image_io.WRITE_ENCODINGS)
+    polarity: str = setting('bright_bone', 'image polarity (random: drawn per frame)',
+                            choices=('bright_bone', 'dark_bone', 'random'))
+    rate_hz: float = setting(5.0, 'publishing rate (Hz)', limits=(0.01, 1000.0))
+    seed: int = setting(0, 'seed of the pose sampler and the image noise', limits=(0, 2**31 - 1))
+    pool_size: int = setting(8, 'number of random poses rendered at start', limits=(1, 10000))
+    poses_file: str = setting('', 'JSON list of 4x4 poses (mm) to use instead of random ones')
+    max_frames: int = setting(0, 'stop publishing after this many frames (0 = never)',
+                              limits=(0, 2**31 - 1))
+    frame_id: str = setting('carm', 'frame id of the images (the imager frame)')
+    image_topic: str = setting('/carm/image_raw', 'image topic')
+    camera_info_topic: str = setting('/carm/camera_info', 'CameraInfo topic')
+    true_pose_topic: str = setting('/carm/true_pose', 'true pose topic (PoseStamped, m)')
+    qos: str = setting('reliable', 'QoS of image and CameraInfo (REP 2003: drivers publish '
+                       'reliable)', choices=('reliable', 'sensor_data'))
+
+
 class SimulatedCarm(Node):
     """Publishes a pool of simulated frames in a loop at ``rate_hz``."""
 
@@ -94,77 +119,35 @@ class SimulatedCarm(Node):
         ``patient`` (a loaded ``ct.Patient``) skips loading ``ct_path`` when running in-process.
         """
         super().__init__(NODE_NAME, **kwargs)
-        self._declare(self._param_specs())
+        config = self.config = settings.build(
+            SimCarmConfig, ros_io.declare_settings(self, settings.specs(SimCarmConfig)))
         if patient is None:
             from xray_ct_reg import ct
-            patient = ct.load_patient(self._p('ct_path'))
-        poses = (read_poses(self._p('poses_file')) if self._p('poses_file')
-                 else sample_poses(patient, self._p('pool_size'), self._p('seed')))
-        self.get_logger().info(f'rendering {len(poses)} frames at {self._p("size")} px ...')
-        self.frames = render_frames(patient, poses, self._p('size'), self._p('render_size'),
-                                    self._p('encoding'), self._p('seed'), self._p('polarity'))
-        qos = (qos_profile_sensor_data if self._p('qos') == 'sensor_data'
+            patient = ct.load_patient(config.ct_path)
+        poses = (read_poses(config.poses_file) if config.poses_file
+                 else sample_poses(patient, config.pool_size, config.seed))
+        self.get_logger().info(f'rendering {len(poses)} frames at {config.size} px ...')
+        self.frames = render_frames(patient, poses, config.size, config.render_size,
+                                    config.encoding, config.seed, config.polarity)
+        qos = (qos_profile_sensor_data if config.qos == 'sensor_data'
                else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
-        self._image_pub = self.create_publisher(Image, self._p('image_topic'), qos)
-        self._info_pub = self.create_publisher(CameraInfo, self._p('camera_info_topic'), qos)
-        self._pose_pub = self.create_publisher(PoseStamped, self._p('true_pose_topic'), 10)
-        self._messages = [(ros_io.array_to_image_msg(f.image, self._p('encoding')),
+        self._image_pub = self.create_publisher(Image, config.image_topic, qos)
+        self._info_pub = self.create_publisher(CameraInfo, config.camera_info_topic, qos)
+        self._pose_pub = self.create_publisher(PoseStamped, config.true_pose_topic, 10)
+        self._messages = [(ros_io.array_to_image_msg(f.image, config.encoding),
                            ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in self.frames]
         self.published = 0
         self.published_stamps = {}
         """stamp (ns) -> index in ``frames`` of every frame published."""
-        self._timer = self.create_timer(1.0 / self._p('rate_hz'), self._tick)
-        self.get_logger().info(f'publishing on {self._p("image_topic")} at '
-                               f'{self._p("rate_hz")} Hz')
-
-    @staticmethod
-    def _param_specs():
-        """(name, default, description, range or None) of every parameter."""
-        return [
-            ('ct_path', 'example', "CT to render ('example' = embedded chest CT)", None),
-            ('size', 256, 'published image size (px, square)', (16, 4096)),
-            ('render_size', 256, 'render at most this size, then resize (px)', (16, 4096)),
-            ('encoding', 'mono16', f"image encoding: {', '.join(image_io.WRITE_ENCODINGS)}",
-             None),
-            ('polarity', 'bright_bone', "image polarity: 'bright_bone', 'dark_bone' or 'random'",
-             None),
-            ('rate_hz', 5.0, 'publishing rate (Hz)', (0.01, 1000.0)),
-            ('seed', 0, 'seed of the pose sampler and the image noise', (0, 2**31 - 1)),
-            ('pool_size', 8, 'number of random poses rendered at start', (1, 10000)),
-            ('poses_file', '', 'JSON list of 4x4 poses (mm) to use instead of random ones',
-             None),
-            ('max_frames', 0, 'stop publishing after this many frames (0 = never)',
-             (0, 2**31 - 1)),
-            ('frame_id', 'carm', 'frame id of the images (the imager frame)', None),
-            ('image_topic', '/carm/image_raw', 'image topic', None),
-            ('camera_info_topic', '/carm/camera_info', 'CameraInfo topic', None),
-            ('true_pose_topic', '/carm/true_pose', 'true pose topic (PoseStamped, m)', None),
-            ('qos', 'reliable', "QoS of image and CameraInfo: 'reliable' or 'sensor_data'",
-             None),
-        ]
-
-    def _declare(self, specs):
-        """Declare parameters with descriptions and ranges."""
-        for name, default, description, limits in specs:
-            descriptor = ParameterDescriptor(description=description)
-            if limits is not None and isinstance(default, float):
-                descriptor.floating_point_range = [
-                    FloatingPointRange(from_value=limits[0], to_value=limits[1])]
-            elif limits is not None:
-                descriptor.integer_range = [
-                    IntegerRange(from_value=limits[0], to_value=limits[1], step=1)]
-            self.declare_parameter(name, default, descriptor)
-
-    def _p(self, name):
-        """Current value of a parameter."""
-        return self.get_parameter(name).value
+        self._timer = self.create_timer(1.0 / config.rate_hz, self._tick)
+        self.get_logger().info(f'publishing on {config.image_topic} at {config.rate_hz} Hz')
 
     def _tick(self):
         """Publish the next frame of the pool with a fresh stamp."""
-        if self._p('max_frames') and self.published >= self._p('max_frames'):
+        if self.config.max_frames and self.published >= self.config.max_frames:
             return
         index = self.published % len(self.frames)
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._p('frame_id'))
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config.frame_id)
         image_msg, info_msg = self._messages[index]
         image_msg.header = header
         info_msg.header = header
