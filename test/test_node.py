@@ -603,6 +603,14 @@ def test_camera_info_pairs_in_either_order_and_with_jitter(harness, frames, untr
     _, _, values = node.diag()
     assert values['camera_info_paired'] == '12', values
     assert values['camera_info_missing'] == '0' and values['errors'] == '0', values
+    # a best-effort C-arm driver cannot feed a reliable subscription: said, verdict kept
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    node.node.create_publisher(Image, '/carm/image_raw',
+                               QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT))
+    level, message, values = node.wait_diag(lambda _l, _m, v: 'incompatible' in v['warning'])
+    assert 'RELIABILITY' in message and level == 1 and values['incompatible_publishers'] == '1'
+    assert message.startswith(f"active: last frame {values['last_verdict']}"), message
 
 
 def test_simulated_carm_parameters_come_from_its_settings(rclpy_context, patient):

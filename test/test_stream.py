@@ -151,16 +151,16 @@ def test_claim_stamp_refuses_a_stamp_published_while_registering(clock):
 def test_no_frame_warning_only_when_idle_with_publishers_and_nothing_ever_arrived(clock):
     core = make_core(clock, no_frame_warning_s=3.0)
     clock.now += 10.0
-    assert core.no_frame_warning(publishers=0) == ''
-    warning = core.no_frame_warning(publishers=1)
+    assert core.warning(publishers=0) == ''
+    warning = core.warning(publishers=1)
     assert 'no frame arrived' in warning and 'QoS' in warning
     core.offer_image('single shot', 1 * SECOND, KEY)
     frame = core.take()
     clock.now += 20.0                     # a long refinement: busy, not silent
-    assert core.no_frame_warning(publishers=1) == ''
+    assert core.warning(publishers=1) == ''
     core.finish(frame, 'rejected', 'gates')
     clock.now += 60.0                     # single shots minutes apart are normal
-    assert core.no_frame_warning(publishers=1) == ''
+    assert core.warning(publishers=1) == ''
 
 
 def test_latency_percentiles(clock):
@@ -186,3 +186,12 @@ def test_rates_count_every_event_of_the_window(clock):
     clock.now += 20.0
     core.offer_image('late', 400 * SECOND, KEY)
     assert core.stats()['input_rate_hz'] == pytest.approx(0.1)
+
+
+def test_incompatible_publishers_are_warned_about(clock):
+    core = make_core(clock, image_qos='reliable')
+    assert core.warning(publishers=1) == ''
+    core.note_incompatible_publisher('RELIABILITY')
+    warning = core.warning(publishers=1)
+    assert 'incompatible with image_qos=reliable' in warning and 'RELIABILITY' in warning
+    assert core.stats()['incompatible_publishers'] == 1

@@ -27,6 +27,11 @@ from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -212,8 +217,10 @@ class RegistrationNode(LifecycleNode):
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, '~/pose', 10)
         self._overlay_pub = self.create_publisher(Image, '~/overlay', 2)
         self._tf = ros_io.make_tf_publisher(self)
-        self._subscriptions_list = [
-            self.create_subscription(Image, self._config.image_topic, self._on_image, qos)]
+        events = SubscriptionEventCallbacks(incompatible_qos=lambda info: (
+            self._core.note_incompatible_publisher(info.last_policy_kind.name)))
+        self._subscriptions_list = [self.create_subscription(
+            Image, self._config.image_topic, self._on_image, qos, event_callbacks=events)]
         if self._config.use_camera_info:
             self._subscriptions_list.append(self.create_subscription(
                 CameraInfo, self._config.camera_info_topic, self._on_camera_info, qos))
@@ -353,8 +360,7 @@ class RegistrationNode(LifecycleNode):
             message += f": {values['last_reason']}"
         warning = ''
         if self._state == 'active':
-            warning = self._core.no_frame_warning(
-                self.count_publishers(self._config.image_topic))
+            warning = self._core.warning(self.count_publishers(self._config.image_topic))
         if warning:
             level = max(level, DiagnosticStatus.WARN)
             message += f' | warning: {warning}'

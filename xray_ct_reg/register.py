@@ -107,7 +107,9 @@ class RegistrationConfig:
         False, 'refine the PnP pose by intensity against a DRR and judge the refined pose by '
         'min_ncc instead of the correspondence gates (needs the CT)')
     refine_time_budget_s: float = setting(
-        15.0, 'time budget of the intensity refinement (s)', limits=(0.0, 120.0), live=True)
+        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 5-15 s on '
+        '2 CPU cores; one that cannot finish in time is rejected, never cut short',
+        limits=(0.0, 600.0), live=True)
     min_ncc: float = setting(
         0.96, 'gate with intensity_refine: minimum NCC of the X-ray and the DRR at the refined '
         'pose', limits=(-1.0, 1.0), live=True)

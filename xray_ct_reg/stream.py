@@ -16,9 +16,9 @@ tested without DDS:
   not newer than the last published transform of the same frame pair, is refused on arrival,
   and again just before publishing (:meth:`StreamCore.claim_stamp`).
 * **Statistics** - counters, rates, arrival-to-verdict and stamp-to-TF latency percentiles, and
-  the "no frames" warning, raised only when a publisher exists, the node is idle and nothing at
-  all has arrived since activation for ``no_frame_warning_s`` (a C-arm taking single shots is
-  silent between them; that is not a fault).
+  the input warnings: a publisher whose QoS is incompatible, and "no frames", raised only when a
+  publisher exists, the node is idle and nothing at all has arrived since activation for
+  ``no_frame_warning_s`` (a C-arm taking single shots is silent between them; not a fault).
 """
 import collections
 from dataclasses import dataclass
@@ -88,8 +88,8 @@ class NodeConfig:
         False, 'publish CT -> image frame on TF instead, for trees where the CT frame already '
         'has a parent', live=True)
     no_frame_warning_s: float = setting(
-        5.0, 'warn on /diagnostics when the image topic has publishers, the node is idle and no '
-        'frame at all arrived this long after activation (s)', limits=(0.5, 600.0), live=True)
+        30.0, 'warn on /diagnostics when the image topic has publishers, the node is idle and no '
+        'frame at all arrived this long after activation (s)', limits=(0.5, 3600.0), live=True)
     inference_threads: int = setting(
         1, 'torch threads of the registration worker; keep a core free for receiving frames',
         limits=(1, 64))
@@ -155,6 +155,7 @@ class StreamCore:
             self._arrivals = collections.deque()        # times within RATE_WINDOW_S
             self._verdict_times = collections.deque()
             self._last_verdict, self._last_reason = 'none', ''
+            self._incompatible_policy = ''
             self._activated_at = self._clock()
 
     # ------------------------------------------------------------------------- input
@@ -275,18 +276,37 @@ class StreamCore:
             self._pending = None
             self._cond.notify_all()
 
-    # ------------------------------------------------------------------------- reporting
-    def no_frame_warning(self, publishers):
-        """The "no frames" warning ('' when none): publishers exist, idle, nothing ever arrived."""
+    def note_incompatible_publisher(self, policy):
+        """DDS found a publisher of images whose QoS ``policy`` does not match ours."""
         with self._cond:
+            self._counts['incompatible_publishers'] += 1
+            self._incompatible_policy = str(policy)
+
+    # ------------------------------------------------------------------------- reporting
+    def warning(self, publishers):
+        """Warnings about the input ('' when none).
+
+        A publisher with incompatible QoS (its frames never arrive), and "no frames": the image
+        topic has ``publishers``, the worker is idle and nothing at all arrived for
+        ``no_frame_warning_s`` since activation.
+        """
+        config = self.config
+        warnings = []
+        with self._cond:
+            if self._counts['incompatible_publishers']:
+                warnings.append(
+                    f"{self._counts['incompatible_publishers']} publisher(s) on "
+                    f'{config.image_topic} offer QoS incompatible with image_qos='
+                    f'{config.image_qos} (policy {self._incompatible_policy}): their frames '
+                    'never arrive')
             silence = self._clock() - self._activated_at
             if (publishers > 0 and self._current is None and self._pending is None
-                    and self._counts['received'] == 0
-                    and silence > self.config.no_frame_warning_s):
-                return (f'{publishers} publisher(s) on {self.config.image_topic} but no frame '
-                        f'arrived in {silence:.0f} s since activation: QoS or transport mismatch? '
-                        f'(image_qos={self.config.image_qos})')
-            return ''
+                    and self._counts['received'] == 0 and silence > config.no_frame_warning_s):
+                warnings.append(
+                    f'{publishers} publisher(s) on {config.image_topic} but no frame arrived in '
+                    f'{silence:.0f} s since activation: QoS or transport mismatch? (image_qos='
+                    f'{config.image_qos}, transport profile: FASTRTPS_DEFAULT_PROFILES_FILE)')
+        return '; '.join(warnings)
 
     def stats(self):
         """Counters, rates and latency percentiles of the current activation."""
@@ -310,6 +330,7 @@ class StreamCore:
                 'camera_info_paired': counts['camera_info_paired'],
                 'camera_info_fallback': counts['camera_info_fallback'],
                 'camera_info_missing': counts['camera_info_missing'],
+                'incompatible_publishers': counts['incompatible_publishers'],
                 'input_rate_hz': rate(self._arrivals),
                 'processed_rate_hz': rate(self._verdict_times),
                 'arrival_to_verdict_p50_ms': verdict_p50,
