@@ -60,10 +60,10 @@ def test_refinement_recovers_a_perturbed_pose(patient, polarity):
                                        centre_ct=patient.bone_centroid)
     assert geometry.projected_distance_mm(refined, truth, patient.targets, intrinsics) < 1.0
     assert geometry.mtre(refined, truth, patient.targets) < 5.0
-    assert info['improved'] and info['ncc_after'] > max(info['ncc_before'], 0.96)
-    assert info['polarity'] == (1.0 if polarity == 'bright_bone' else -1.0)
-    assert info['depth_margin'] > 0.0  # converged: NCC peaks along the beam
-    assert info['exposed_fraction'] > 0.5  # no shutters; only saturated areas are dropped
+    assert info.improved and info.ncc_after > max(info.ncc_before, 0.96)
+    assert info.polarity == (1.0 if polarity == 'bright_bone' else -1.0)
+    assert info.depth_margin > 0.0  # converged: NCC peaks along the beam
+    assert info.exposed_fraction > 0.5  # no shutters; only saturated areas are dropped
 
 
 def test_refinement_of_a_blank_image_keeps_the_pose(patient):
@@ -73,8 +73,8 @@ def test_refinement_of_a_blank_image_keeps_the_pose(patient):
     refined, info = refine.refine_pose(projector, np.zeros((64, 64)),
                                        geometry.default_intrinsics(64), start)
     np.testing.assert_array_equal(refined, start)
-    assert not info['improved'] and info['exposed_fraction'] == 0.0
-    assert not np.isfinite(info['ncc_after'])
+    assert not info.improved and info.exposed_fraction == 0.0
+    assert not np.isfinite(info.ncc_after)
 
 
 def _burn_cpu(seconds):
@@ -95,7 +95,8 @@ def test_refinement_is_deterministic_under_load_and_a_budget_only_rejects(patien
     import os
 
     from xray_ct_reg import drr, simulate
-    from xray_ct_reg.register import intensity_gates
+    from xray_ct_reg.gates import intensity_gates
+    from xray_ct_reg.register import RegistrationConfig
     projector = drr.DRRProjector(patient.ct)
     rng = np.random.default_rng(8)
     truth = geometry.carm_pose(patient.bone_centroid, lao_deg=-15.0, cranial_deg=5.0)
@@ -116,15 +117,16 @@ def test_refinement_is_deterministic_under_load_and_a_budget_only_rejects(patien
         for burner in burners:
             burner.terminate()
             burner.join()
-    assert quiet_info['finished'] and busy_info['finished']
-    assert busy_info['time_s'] > quiet_info['time_s'], 'the load did not slow the refinement'
+    assert quiet_info.finished and busy_info.finished
+    assert busy_info.time_s > quiet_info.time_s, 'the load did not slow the refinement'
     np.testing.assert_array_equal(busy, quiet)
-    assert busy_info['ncc_after'] == quiet_info['ncc_after']
-    assert busy_info['iterations'] == quiet_info['iterations']
+    assert busy_info.ncc_after == quiet_info.ncc_after
+    assert busy_info.iterations == quiet_info.iterations
 
     cut, cut_info = refine.refine_pose(projector, image, intrinsics, start, time_budget_s=0.05,
                                        centre_ct=patient.bone_centroid)
-    assert not cut_info['finished']
+    assert not cut_info.finished
     np.testing.assert_array_equal(cut, start)
-    accepted, reason = intensity_gates(cut, cut_info, intrinsics, patient.bone_centroid)
+    accepted, reason = intensity_gates(cut, cut_info, intrinsics, patient.bone_centroid,
+                                       RegistrationConfig())
     assert not accepted and 'did not finish' in reason

@@ -4,6 +4,7 @@ The Registrar runs with an oracle network (true scene coordinates) and with the 
 (skipped, saying why, when models/chest_example.pt is not there yet), SCR only and with
 intensity refinement.
 """
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +12,10 @@ import pytest
 import torch
 
 from xray_ct_reg import geometry
-from xray_ct_reg.register import (
-    Registrar,
-    RegistrationConfig,
-    Result,
-    intensity_gates,
-    pose_covariance,
-    quality_gates,
-    refine_lm,
-    reprojection_errors,
-    solve_pnp,
-    view_angle_from_ap_deg,
-)
+from xray_ct_reg.gates import intensity_gates, quality_gates, view_angle_from_ap_deg
+from xray_ct_reg.pnp import PNP_METHODS, pose_covariance, refine_lm, reprojection_errors, solve_pnp
+from xray_ct_reg.refine import RefineInfo
+from xray_ct_reg.register import Registrar, RegistrationConfig, Result
 
 MODEL = Path(__file__).resolve().parent.parent / 'models' / 'chest_example.pt'
 SIZE = 256
@@ -43,8 +36,8 @@ def _scene(seed, noise_px=0.0, outlier_fraction=0.0, count=3000):
     return points, pixels, intrinsics, pose, centre
 
 
-def _register_synthetic(points, pixels, intrinsics, seed=0):
-    config = RegistrationConfig()
+def _register_synthetic(points, pixels, intrinsics, seed=0, method='usac_magsac'):
+    config = RegistrationConfig(pnp_method=method)
     pose, inliers = solve_pnp(points, pixels, intrinsics.K, config, np.random.default_rng(seed))
     refined, covariance = refine_lm(points[inliers], pixels[inliers], intrinsics.K, pose)
     return refined, covariance, inliers
@@ -58,24 +51,26 @@ def test_pnp_exact_from_perfect_correspondences():
     assert geometry.translation_error_mm(pose, truth) < 1e-2
 
 
-def test_pnp_robust_to_noise_and_outliers():
-    """1 px noise (at 256 px, 1.16 mm detector pixels) + 30 % uniform outliers.
+@pytest.mark.parametrize('method', sorted(PNP_METHODS))
+def test_pnp_robust_to_noise_and_outliers(method):
+    """1 px noise (at 256 px, 1.16 mm detector pixels) + 30 % uniform outliers, every method.
 
     Bound: rotation < 0.1 deg, translation < 2 mm, mTRE over the points < 1 mm (measured:
     ~0.03 deg, ~0.3 mm).
     """
     points, pixels, intrinsics, truth, _ = _scene(2, noise_px=1.0, outlier_fraction=0.3)
-    pose, _, inliers = _register_synthetic(points, pixels, intrinsics)
+    pose, _, inliers = _register_synthetic(points, pixels, intrinsics, method=method)
     assert 0.6 < inliers.mean() < 0.75
     assert geometry.rotation_error_deg(pose, truth) < 0.1
     assert geometry.translation_error_mm(pose, truth) < 2.0
     assert geometry.mtre(pose, truth, points[:50]) < 1.0
 
 
-def test_pnp_is_deterministic_for_a_seed():
+@pytest.mark.parametrize('method', sorted(PNP_METHODS))
+def test_pnp_is_deterministic_for_a_seed(method):
     points, pixels, intrinsics, _, _ = _scene(3, noise_px=1.0, outlier_fraction=0.5)
-    first = _register_synthetic(points, pixels, intrinsics, seed=7)
-    second = _register_synthetic(points, pixels, intrinsics, seed=7)
+    first = _register_synthetic(points, pixels, intrinsics, seed=7, method=method)
+    second = _register_synthetic(points, pixels, intrinsics, seed=7, method=method)
     np.testing.assert_array_equal(first[0], second[0])
 
 
@@ -107,33 +102,33 @@ def test_gates_accept_good_and_reject_pure_noise():
 def test_gates_reject_implausible_poses(change, reason):
     _, _, intrinsics, truth, centre = _scene(6)
     accepted, why = quality_gates(geometry.compose(change, truth), 500, 0.9, 0.5, intrinsics,
-                                  centre)
+                                  centre, RegistrationConfig())
     assert not accepted and reason in why
 
 
 def test_gates_reject_a_view_far_from_ap():
     _, _, intrinsics, _, centre = _scene(6)
     pose = geometry.carm_pose(centre, lao_deg=170.0)
-    accepted, why = quality_gates(pose, 500, 0.9, 0.5, intrinsics, centre)
+    accepted, why = quality_gates(pose, 500, 0.9, 0.5, intrinsics, centre, RegistrationConfig())
     assert not accepted and 'AP' in why
 
 
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
-    good = {'ncc_after': 0.99, 'exposed_fraction': 0.8, 'depth_margin': 0.002, 'finished': True}
-    assert intensity_gates(truth, good, intrinsics, centre) == (True, '')
-    accepted, why = intensity_gates(truth, dict(good, ncc_after=0.9), intrinsics, centre)
-    assert not accepted and 'NCC 0.900' in why
-    accepted, why = intensity_gates(truth, dict(good, ncc_after=float('nan')), intrinsics, centre)
-    assert not accepted and 'NCC' in why
-    accepted, why = intensity_gates(truth, dict(good, depth_margin=-0.001), intrinsics, centre)
-    assert not accepted and 'depth' in why
-    accepted, why = intensity_gates(truth, dict(good, exposed_fraction=0.05), intrinsics, centre)
-    assert not accepted and 'anatomy' in why
-    accepted, why = intensity_gates(truth, dict(good, finished=False), intrinsics, centre)
-    assert not accepted and 'did not finish' in why
-    far = geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth)
-    accepted, why = intensity_gates(far, good, intrinsics, centre)
+    config = RegistrationConfig()
+    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.002)
+
+    def judge(pose=truth, **change):
+        return intensity_gates(pose, replace(good, **change), intrinsics, centre, config)
+
+    assert judge() == (True, '')
+    for change, fragment in [({'ncc_after': 0.9}, 'NCC 0.900'), ({'ncc_after': np.nan}, 'NCC'),
+                             ({'depth_margin': -0.001}, 'depth'),
+                             ({'exposed_fraction': 0.05}, 'anatomy'),
+                             ({'finished': False}, 'did not finish')]:
+        accepted, why = judge(**change)
+        assert not accepted and fragment in why, change
+    accepted, why = judge(geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth))
     assert not accepted and 'distance' in why
 
 
@@ -368,8 +363,8 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
             assert result.accepted, result.reason
         if result.accepted:
             bound = REFINED_BOUND_MM if kind == 'full' else REFINED_CROP_BOUND_MM
-            assert error < bound, (kind, error, result.info)
-            assert result.info['intensity_refine']['ncc_after'] >= 0.96
+            assert error < bound, (kind, error, result.refinement)
+            assert result.refinement.ncc_after >= 0.96
             crops_accepted += kind == 'crop'
         else:
             assert result.reason
@@ -398,7 +393,7 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout)
-    assert result['accepted'] and result['info']['intensity_refine']['ncc_after'] >= 0.96
+    assert result['accepted'] and result['refinement']['ncc_after'] >= 0.96
     assert geometry.mtre(np.array(result['pose']), truth, patient.targets) < REFINED_BOUND_MM
     assert cv2.imread(str(overlay)).shape[:2] == image.shape
     missing = subprocess.run(command[:4] + [str(tmp_path / 'none.png')] + command[5:],

@@ -57,11 +57,10 @@ def score_case(case, result, patient):
               'timings_ms': dict(result.timings_ms),
               'mtre_mm': np.nan, 'mpd_mm': np.nan, 'rotation_deg': np.nan,
               'translation_mm': np.nan}
-    refined = result.info.get('intensity_refine')
+    refined = result.refinement
     if refined is not None:  # the PnP start of the refinement and the similarity it reached
-        record.update(start_mtre_mm=geometry.mtre(result.info['scr_pose'], truth,
-                                                  patient.targets),
-                      ncc=refined['ncc_after'], exposed_fraction=refined['exposed_fraction'])
+        record.update(start_mtre_mm=geometry.mtre(result.scr_pose, truth, patient.targets),
+                      ncc=refined.ncc_after, exposed_fraction=refined.exposed_fraction)
     if estimate is not None:
         record.update(
             mtre_mm=geometry.mtre(estimate, truth, patient.targets),

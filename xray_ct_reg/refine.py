@@ -18,8 +18,9 @@ Polarity: the DRR is a line integral (bright bone). X-rays come in either polari
 signs climb briefly at the coarsest level and the better one goes on (the sign of the NCC at a
 start far from the truth is unreliable). The refined pose replaces the start only when the NCC
 at the finest level improved. The final NCC and the depth check are what the registrar's
-intensity gates (``register.intensity_gates``) judge.
+intensity gates (``gates.intensity_gates``) judge.
 """
+from dataclasses import dataclass, replace
 import time
 
 import cv2
@@ -28,6 +29,7 @@ import torch
 
 from xray_ct_reg import geometry, model
 
+NAN = float('nan')
 # Lever arm (mm) that turns rotation parameters into millimetre-like units.
 RADIUS_MM = 100.0
 # Adam step (mm-like units) per level, coarse to fine.
@@ -46,6 +48,24 @@ POLARITY_TRIAL_STEPS = 15
 FLAT_WINDOW_PX = 5
 FLAT_MAX_STD = 0.02
 FLAT_EXTREME = 0.15
+
+
+@dataclass
+class RefineInfo:
+    """What a refinement did; ``gates.intensity_gates`` judges it.
+
+    NCC values are at the finest level over its exposed pixels (NaN when not computed).
+    """
+
+    exposed_fraction: float           # fraction of the finest level that shows anatomy
+    ncc_before: float = NAN           # NCC of the start pose (with the chosen polarity)
+    ncc_after: float = NAN            # NCC of the returned pose
+    depth_margin: float = NAN         # ncc_after minus the best NCC DEPTH_PROBE_MM along the beam
+    polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
+    improved: bool = False            # the returned pose is the refined one (else the start)
+    finished: bool = True             # the fixed schedule ran to its end within the budget
+    iterations: int = 0               # Adam steps taken
+    time_s: float = 0.0               # wall-clock time of the refinement
 
 
 def exposed_mask(image):
@@ -158,18 +178,14 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
 
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the Adam steps per
     level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
-    central ray). Steps: both polarities
-    climb for POLARITY_TRIAL_STEPS at the coarsest level and the better one goes on; after the
-    levels, a line search along the beam (DEPTH_SEARCH_MM, the weak direction of one view) and
-    POLISH_STEPS at the finest level. Returns (pose, info) with info = {ncc_before, ncc_after
-    (of the returned pose), depth_margin, iterations, time_s, polarity, improved,
-    exposed_fraction, finished} (NCC at the finest level over its exposed pixels; polarity +1
-    when the X-ray is bright-bone like the DRR; depth_margin = ncc_after minus the NCC of the pose
-    shifted DEPTH_PROBE_MM either way along the beam, <= 0 when depth has not converged).
+    central ray). Steps: both polarities climb for POLARITY_TRIAL_STEPS at the coarsest level
+    and the better one goes on; after the levels, a line search along the beam
+    (DEPTH_SEARCH_MM, the weak direction of one view) and POLISH_STEPS at the finest level.
+    Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
     it cannot finish within ``time_budget_s`` it stops there and returns the start pose with
-    ``finished`` False and NaN scores: a frame to reject, never a truncated optimisation.
+    ``finished`` False: a frame to reject, never a truncated optimisation.
     """
     started = time.perf_counter()
     deadline = started + time_budget_s
@@ -185,18 +201,16 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     mask = exposed_mask(finest_image)
     targets = [_level_target(finest_image, mask, finest_input, size) for size in levels]
     finest = targets[-1]
-    info = {'exposed_fraction': float(finest[1].double().mean()), 'iterations': 0,
-            'ncc_before': float('nan'), 'ncc_after': float('nan'), 'depth_margin': float('nan'),
-            'polarity': 0.0, 'improved': False, 'finished': True}
+    info = RefineInfo(exposed_fraction=float(finest[1].double().mean()))
     refined = pose0
     if finest[1].sum() >= 16:  # else: nothing to compare, the start pose is returned
         try:
             refined, scores = _schedule(projector, pose0, centre_imager, targets, iterations,
                                         deadline)
-            info.update(scores)
+            info = replace(info, **scores)
         except BudgetExceeded:
-            info['finished'] = False
-    info['time_s'] = time.perf_counter() - started
+            info.finished = False
+    info.time_s = time.perf_counter() - started
     return refined.numpy(), info
 
 

@@ -25,8 +25,9 @@ import time
 import cv2
 import numpy as np
 
-from xray_ct_reg import drr, geometry, image_io, refine, settings
+from xray_ct_reg import drr, geometry, image_io, pnp, refine, settings
 from xray_ct_reg import model as scr_model
+from xray_ct_reg.gates import inlier_spread, intensity_gates, pose_gates, quality_gates
 from xray_ct_reg.settings import setting
 
 # The paper's RANSAC threshold: 20 px on the 1536^2 Cios Fusion detector (0.194 mm pixels).
@@ -66,6 +67,9 @@ class RegistrationConfig:
     min_points: int = setting(
         400, 'when fewer pixels are confident, take this many of the least uncertain points '
         'anyway (local or extreme views); the gates judge the outcome', limits=(0, 1000000),
+        live=True)
+    pnp_method: str = setting(
+        'usac_magsac', 'robust PnP solver (pnp.PNP_METHODS)', choices=tuple(pnp.PNP_METHODS),
         live=True)
     ransac_threshold_px: float = setting(
         20.0, "RANSAC inlier threshold (px at the reference detector; the paper's 20 px)",
@@ -128,9 +132,9 @@ class Result:
     then a small rotation about the imager axes applied on the left. It comes from the
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
     relative confidence, not as a calibrated error bound. With intensity refinement it is still
-    the PnP stage's (the refined pose is usually far better); ``info`` then holds ``scr_pose``
-    (the PnP start) and ``intensity_refine`` (``refine.refine_pose``'s info: NCC before/after,
-    exposed fraction, iterations).
+    the PnP stage's (the refined pose is usually far better). ``inlier_spread`` is the gate's
+    measure of how the inlier pixels cover the image. With intensity refinement,
+    ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
     """
 
     pose: np.ndarray | None
@@ -142,12 +146,14 @@ class Result:
     covariance: np.ndarray | None = None
     timings_ms: dict = field(default_factory=dict)
     num_candidates: int = 0
-    info: dict = field(default_factory=dict)
+    inlier_spread: float = 0.0
+    scr_pose: np.ndarray | None = None
+    refinement: refine.RefineInfo | None = None
 
     def to_dict(self):
         """JSON-able dict (arrays as nested lists, NaN as None)."""
         data = asdict(self)
-        for key in ('pose', 'covariance'):
+        for key in ('pose', 'covariance', 'scr_pose'):
             data[key] = None if data[key] is None else np.asarray(data[key]).tolist()
         return to_jsonable(data)
 
@@ -167,210 +173,6 @@ def to_jsonable(value):
     if isinstance(value, (np.floating, float)):
         return float(value) if np.isfinite(value) else None
     return value
-
-
-def scaled_px(reference_px, K, config):
-    """A pixel threshold written at the reference detector, in pixels of the camera ``K``."""
-    return float(reference_px) * float(np.asarray(K)[0, 0]) / config.reference_focal_px
-
-
-# ----------------------------------------------------------------------------- PnP
-def solve_pnp(points_ct, pixels, K, config=None, rng=None):
-    """Robust pose from 2D-3D correspondences: OpenCV USAC (MAGSAC++ score, local optimisation).
-
-    ``points_ct`` (N, 3) mm, ``pixels`` (N, 2) at the resolution of ``K``. The inlier threshold is
-    ``config.ransac_threshold_px`` scaled to ``K``. Returns (pose T_imager_ct, inlier mask (N,)
-    bool) or None when OpenCV finds no pose. ``rng`` (numpy Generator) seeds the sampler.
-    """
-    config = config or RegistrationConfig()
-    rng = rng if rng is not None else np.random.default_rng(config.seed)
-    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
-    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
-    if len(points_ct) < 6 or len(points_ct) != len(pixels):
-        return None
-    params = cv2.UsacParams()
-    params.threshold = scaled_px(config.ransac_threshold_px, K, config)
-    params.maxIterations = int(config.ransac_iterations)
-    params.confidence = float(config.ransac_confidence)
-    params.sampler = cv2.SAMPLING_UNIFORM
-    params.score = cv2.SCORE_METHOD_MAGSAC
-    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
-    params.randomGeneratorState = int(rng.integers(1, 2**31 - 1))
-    try:
-        ok, _, rvec, tvec, inliers = cv2.solvePnPRansac(
-            points_ct, pixels, np.asarray(K, dtype=np.float64).copy(), None, params=params)
-    except cv2.error:
-        return None
-    if not ok or inliers is None or len(inliers) == 0:
-        return None
-    pose = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
-    if not geometry.is_rigid(pose, tolerance=1e-5):
-        return None
-    mask = np.zeros(len(points_ct), dtype=bool)
-    mask[np.asarray(inliers).ravel()] = True
-    return pose, mask
-
-
-def reprojection_errors(points_ct, pixels, K, pose):
-    """Per-correspondence reprojection error (px at the resolution of ``K``); inf behind source."""
-    projected, depth = geometry.project_points(pose, K, points_ct)
-    errors = np.linalg.norm(projected - np.asarray(pixels, dtype=float).reshape(-1, 2), axis=1)
-    return np.where(depth > 0, errors, np.inf)
-
-
-def _projection_jacobian(points_ct, K, pose):
-    """(2N, 6) Jacobian of the projected pixels w.r.t. (dt, drot), pose = [exp(drot) R, t + dt]."""
-    rotated = points_ct @ pose[:3, :3].T
-    camera = rotated + pose[:3, 3]
-    x, y, z = camera.T
-    fx, fy = K[0, 0], K[1, 1]
-    zeros = np.zeros_like(z)
-    # d(u, v) / d(camera point)
-    d_uv = np.stack([np.stack([fx / z, zeros, -fx * x / z**2], axis=1),
-                     np.stack([zeros, fy / z, -fy * y / z**2], axis=1)], axis=1)  # (N, 2, 3)
-    # d(camera point) / d(drot) = -[rotated]_x
-    skew = np.zeros((len(points_ct), 3, 3))
-    skew[:, 0, 1], skew[:, 0, 2] = -rotated[:, 2], rotated[:, 1]
-    skew[:, 1, 0], skew[:, 1, 2] = rotated[:, 2], -rotated[:, 0]
-    skew[:, 2, 0], skew[:, 2, 1] = -rotated[:, 1], rotated[:, 0]
-    jacobian = np.concatenate([d_uv, d_uv @ -skew], axis=2)  # (N, 2, 6)
-    return jacobian.reshape(-1, 6)
-
-
-def pose_covariance(points_ct, pixels, K, pose):
-    """6x6 pose covariance (x y z rx ry rz; mm, rad) = s^2 (J^T J)^-1 from the residuals.
-
-    s^2 = sum of squared pixel residuals / (2N - 6). Symmetric positive semi-definite (small
-    negative eigenvalues from round-off are clipped).
-    """
-    points_ct = np.asarray(points_ct, dtype=float).reshape(-1, 3)
-    pixels = np.asarray(pixels, dtype=float).reshape(-1, 2)
-    projected, _ = geometry.project_points(pose, K, points_ct)
-    residuals = (projected - pixels).ravel()
-    dof = max(residuals.size - 6, 1)
-    variance = float(residuals @ residuals) / dof
-    jacobian = _projection_jacobian(points_ct, np.asarray(K, dtype=float), pose)
-    covariance = variance * np.linalg.pinv(jacobian.T @ jacobian)
-    covariance = 0.5 * (covariance + covariance.T)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    return (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
-
-
-def refine_lm(points_ct, pixels, K, pose):
-    """Levenberg-Marquardt refinement (cv2.solvePnPRefineLM) of ``pose`` on the given points.
-
-    Returns (refined pose, 6x6 covariance in ROS order, see ``pose_covariance``).
-    """
-    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
-    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
-    K = np.asarray(K, dtype=np.float64)
-    rvec, tvec = geometry.pose_to_rotvec(pose)
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-10)
-    rvec, tvec = cv2.solvePnPRefineLM(points_ct, pixels, K, None, rvec.reshape(3, 1).copy(),
-                                      tvec.reshape(3, 1).copy(), criteria)
-    refined = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
-    return refined, pose_covariance(points_ct, pixels, K, refined)
-
-
-# ----------------------------------------------------------------------------- gates
-def inlier_spread(pixels, width, height):
-    """Smaller of the pixels' standard deviations along u and v, relative to the image size."""
-    pixels = np.asarray(pixels, dtype=float).reshape(-1, 2)
-    if len(pixels) < 2:
-        return 0.0
-    return float(min(pixels[:, 0].std() / width, pixels[:, 1].std() / height))
-
-
-def view_angle_from_ap_deg(pose):
-    """Angle (deg) between the pose's viewing direction (the beam, imager +z, in CT) and AP's.
-
-    Only where the beam points counts: rolling the image in its plane leaves it unchanged.
-    """
-    beam_ct = np.asarray(pose, dtype=float)[2, :3]          # R^T e_z: imager z axis in CT
-    beam_ap = geometry.R_IMAGER_CT_AP[2]
-    cosine = float(np.clip(beam_ct @ beam_ap / np.linalg.norm(beam_ct), -1.0, 1.0))
-    return float(np.degrees(np.arccos(cosine)))
-
-
-def pose_gates(pose, intrinsics, bone_centroid, config=None):
-    """Is ``pose`` a physically possible C-arm view of the bones? Returns (accepted, reason).
-
-    Checks, in order: a rigid finite pose, the bone centroid (3,) CT mm in front of the source
-    within the distance range, projecting inside the image (with margin), and the view angle
-    away from AP.
-    """
-    config = config or RegistrationConfig()
-    if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
-        return False, 'no valid pose'
-    centroid = np.asarray(bone_centroid, dtype=float).reshape(1, 3)
-    (u, v), = geometry.project_points(pose, intrinsics.K, centroid)[0]
-    centroid_imager = geometry.transform_points(pose, centroid)[0]
-    distance = float(np.linalg.norm(centroid_imager))
-    if centroid_imager[2] <= 0:
-        return False, 'bone centroid behind the X-ray source'
-    if not config.min_source_distance_mm <= distance <= config.max_source_distance_mm:
-        return False, (f'source-to-bone distance {distance:.0f} mm outside '
-                       f'[{config.min_source_distance_mm:.0f}, '
-                       f'{config.max_source_distance_mm:.0f}] mm')
-    margin_u = config.image_margin * intrinsics.width
-    margin_v = config.image_margin * intrinsics.height
-    if not (-margin_u - 0.5 <= u <= intrinsics.width - 0.5 + margin_u
-            and -margin_v - 0.5 <= v <= intrinsics.height - 0.5 + margin_v):
-        return False, f'bone centroid projects outside the image at ({u:.0f}, {v:.0f}) px'
-    angle = view_angle_from_ap_deg(pose)
-    if angle > config.max_angle_from_ap_deg:
-        return False, f'view {angle:.0f} deg away from AP > {config.max_angle_from_ap_deg:.0f}'
-    return True, ''
-
-
-def quality_gates(pose, inlier_count, inlier_ratio, reprojection_error_px, intrinsics,
-                  bone_centroid, config=None, spread=1.0):
-    """Decide whether an SCR (PnP) pose may be used. Returns (accepted, reason; '' if accepted).
-
-    ``reprojection_error_px`` is in pixels of ``intrinsics``; ``bone_centroid`` (3,) CT mm.
-    ``spread`` is ``inlier_spread`` of the inlier pixels. Checks, in order: a rigid finite
-    pose, inlier count, inlier ratio, inlier spread, reprojection error, then ``pose_gates``.
-    """
-    config = config or RegistrationConfig()
-    if pose is None or not geometry.is_rigid(pose, tolerance=1e-5):
-        return False, 'no valid pose'
-    if inlier_count < config.min_inliers:
-        return False, f'too few inliers: {inlier_count} < {config.min_inliers}'
-    if not inlier_ratio >= config.min_inlier_ratio:
-        return False, f'inlier ratio {inlier_ratio:.2f} < {config.min_inlier_ratio:.2f}'
-    if not spread >= config.min_inlier_spread:
-        return False, (f'inliers cluster in a small image region (spread {spread:.3f} < '
-                       f'{config.min_inlier_spread:.3f})')
-    max_error = scaled_px(config.max_reprojection_error_px, intrinsics.K, config)
-    if not reprojection_error_px <= max_error:
-        return False, (f'reprojection error {reprojection_error_px:.2f} px > {max_error:.2f} px')
-    return pose_gates(pose, intrinsics, bone_centroid, config)
-
-
-def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config=None):
-    """Decide whether an intensity-refined pose may be used. Returns (accepted, reason).
-
-    ``refine_info`` is the info dict of ``refine.refine_pose``. Checks that the refinement
-    finished its fixed schedule within the time budget (a truncated one is never used), the
-    exposed fraction of the image, the NCC at the refined pose, that the NCC peaks there along
-    the beam (the weak direction of one view: a pose still climbing in depth is unconverged),
-    then ``pose_gates``.
-    """
-    config = config or RegistrationConfig()
-    if not refine_info.get('finished', False):
-        return False, (f'intensity refinement did not finish within its time budget '
-                       f'({config.refine_time_budget_s:g} s)')
-    exposed = refine_info.get('exposed_fraction', 0.0)
-    if not exposed >= config.min_exposed_fraction:
-        return False, (f'too little anatomy visible for the intensity check ({exposed:.2f} of the '
-                       f'image < {config.min_exposed_fraction:.2f})')
-    similarity = refine_info.get('ncc_after', float('nan'))
-    if not similarity >= config.min_ncc:
-        return False, f'X-ray and DRR disagree: NCC {similarity:.3f} < {config.min_ncc:.3f}'
-    if not refine_info.get('depth_margin', float('nan')) > 0.0:
-        return False, ('depth along the beam not converged: the NCC still rises '
-                       f'{refine.DEPTH_PROBE_MM:.0f} mm towards or away from the source')
-    return pose_gates(pose, intrinsics, bone_centroid, config)
 
 
 # ----------------------------------------------------------------------------- registrar
@@ -519,37 +321,38 @@ class Registrar:
             timings['pnp'] = 1e3 * (time.perf_counter() - tick)
             return rejected(f'too few confident pixels: {len(points)} < '
                             f'{config.min_correspondences}', num_candidates=candidates)
-        solution = solve_pnp(points, pixels, small_intrinsics.K, config, rng)
+        solution = pnp.solve_pnp(points, pixels, small_intrinsics.K, config, rng)
         timings['pnp'] = 1e3 * (time.perf_counter() - tick)
         if solution is None:
             return rejected('PnP found no pose', num_candidates=candidates)
         pose, inliers = solution
 
         tick = time.perf_counter()
-        pose, covariance = refine_lm(points[inliers], pixels[inliers], small_intrinsics.K, pose)
-        errors = reprojection_errors(points, pixels, small_intrinsics.K, pose)
-        inliers = errors <= scaled_px(config.ransac_threshold_px, small_intrinsics.K, config)
+        pose, covariance = pnp.refine_lm(points[inliers], pixels[inliers], small_intrinsics.K,
+                                         pose)
+        errors = pnp.reprojection_errors(points, pixels, small_intrinsics.K, pose)
+        inliers = errors <= pnp.scaled_px(config.ransac_threshold_px, small_intrinsics.K,
+                                          config.reference_focal_px)
         to_input_px = intrinsics.K[0, 0] / small_intrinsics.K[0, 0]
         error_px = (float(np.median(errors[inliers])) * to_input_px if inliers.any()
                     else float('inf'))
         timings['refine_lm'] = 1e3 * (time.perf_counter() - tick)
         spread = inlier_spread(pixels[inliers], *self.network_size)
-        info = {'inlier_spread': spread}
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
-                      covariance=covariance, num_candidates=candidates, info=info)
+                      covariance=covariance, num_candidates=candidates, inlier_spread=spread)
         if config.intensity_refine:
             # The PnP pose only starts the intensity refinement, but it must be a possible view.
             accepted, reason = pose_gates(pose, intrinsics, self.bone_centroid, config)
             if not accepted:
                 return rejected(f'PnP start: {reason}', **fields)
             tick = time.perf_counter()
-            info['scr_pose'] = pose
-            fields['pose'], info['intensity_refine'] = refine.refine_pose(
+            fields['scr_pose'] = pose
+            fields['pose'], fields['refinement'] = refine.refine_pose(
                 self.projector, image, intrinsics, pose,
                 time_budget_s=config.refine_time_budget_s, centre_ct=self.bone_centroid)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
-            accepted, reason = intensity_gates(fields['pose'], info['intensity_refine'],
+            accepted, reason = intensity_gates(fields['pose'], fields['refinement'],
                                                intrinsics, self.bone_centroid, config)
         else:
             accepted, reason = quality_gates(pose, fields['inlier_count'],

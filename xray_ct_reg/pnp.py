@@ -1,0 +1,146 @@
+"""2D-3D pose estimation: robust PnP solvers by name, Levenberg-Marquardt polish, covariance.
+
+``PNP_METHODS`` maps a name to a robust solver (``RegistrationConfig.pnp_method`` picks one):
+
+* ``usac_magsac`` (default): OpenCV USAC with MAGSAC++ scoring and sigma-consensus local
+  optimisation; robust to the large outlier fractions of a scene coordinate network;
+* ``ransac_sqpnp``: classic RANSAC with the SQPnP minimal solver;
+* ``ransac_epnp``: classic RANSAC with EPnP (the paper's ``cv2.solvePnPRansac`` default).
+
+Every solver is seeded, so the same correspondences give the same pose. The pose is
+``T_imager_ct`` (mm); pixel thresholds are in pixels of the camera ``K`` at hand
+(:func:`scaled_px` converts a threshold written for the reference detector).
+"""
+import cv2
+import numpy as np
+
+from xray_ct_reg import geometry
+
+
+def scaled_px(reference_px, K, reference_focal_px):
+    """A pixel threshold written for a detector of focal ``reference_focal_px``, in px of ``K``."""
+    return float(reference_px) * float(np.asarray(K)[0, 0]) / float(reference_focal_px)
+
+
+def _usac_magsac(points_ct, pixels, K, threshold_px, iterations, confidence, seed):
+    """OpenCV USAC: MAGSAC++ score, sigma-consensus local optimisation, uniform sampler."""
+    params = cv2.UsacParams()
+    params.threshold = threshold_px
+    params.maxIterations = int(iterations)
+    params.confidence = float(confidence)
+    params.sampler = cv2.SAMPLING_UNIFORM
+    params.score = cv2.SCORE_METHOD_MAGSAC
+    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
+    params.randomGeneratorState = seed
+    ok, _, rvec, tvec, inliers = cv2.solvePnPRansac(points_ct, pixels, K, None, params=params)
+    return ok, rvec, tvec, inliers
+
+
+def _classic_ransac(minimal_solver):
+    """Classic OpenCV RANSAC around ``minimal_solver`` (a cv2.SOLVEPNP_* flag)."""
+    def solve(points_ct, pixels, K, threshold_px, iterations, confidence, seed):
+        cv2.setRNGSeed(seed)
+        return cv2.solvePnPRansac(points_ct, pixels, K, None, iterationsCount=int(iterations),
+                                  reprojectionError=threshold_px, confidence=float(confidence),
+                                  flags=minimal_solver)
+    return solve
+
+
+# name -> solver(points_ct, pixels, K, threshold_px, iterations, confidence, seed)
+#         returning OpenCV's (ok, rvec, tvec, inlier indices)
+PNP_METHODS = {
+    'usac_magsac': _usac_magsac,
+    'ransac_sqpnp': _classic_ransac(cv2.SOLVEPNP_SQPNP),
+    'ransac_epnp': _classic_ransac(cv2.SOLVEPNP_EPNP),
+}
+
+
+def solve_pnp(points_ct, pixels, K, config, rng):
+    """Robust pose from 2D-3D correspondences with ``config.pnp_method``.
+
+    ``points_ct`` (N, 3) mm, ``pixels`` (N, 2) at the resolution of ``K``; ``config`` a
+    ``register.RegistrationConfig`` (method, threshold at the reference detector, iterations,
+    confidence); ``rng`` (numpy Generator) seeds the sampler. Returns (pose T_imager_ct,
+    inlier mask (N,) bool), or None when no pose is found.
+    """
+    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
+    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
+    if len(points_ct) < 6 or len(points_ct) != len(pixels):
+        return None
+    solver = PNP_METHODS[config.pnp_method]
+    threshold = scaled_px(config.ransac_threshold_px, K, config.reference_focal_px)
+    try:
+        ok, rvec, tvec, inliers = solver(
+            points_ct, pixels, np.asarray(K, dtype=np.float64).copy(), threshold,
+            config.ransac_iterations, config.ransac_confidence, int(rng.integers(1, 2**31 - 1)))
+    except cv2.error:
+        return None
+    if not ok or inliers is None or len(inliers) == 0:
+        return None
+    pose = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
+    if not geometry.is_rigid(pose, tolerance=1e-5):
+        return None
+    mask = np.zeros(len(points_ct), dtype=bool)
+    mask[np.asarray(inliers).ravel()] = True
+    return pose, mask
+
+
+def reprojection_errors(points_ct, pixels, K, pose):
+    """Per-correspondence reprojection error (px at the resolution of ``K``); inf behind source."""
+    projected, depth = geometry.project_points(pose, K, points_ct)
+    errors = np.linalg.norm(projected - np.asarray(pixels, dtype=float).reshape(-1, 2), axis=1)
+    return np.where(depth > 0, errors, np.inf)
+
+
+def _projection_jacobian(points_ct, K, pose):
+    """(2N, 6) Jacobian of the projected pixels w.r.t. (dt, drot), pose = [exp(drot) R, t + dt]."""
+    rotated = points_ct @ pose[:3, :3].T
+    camera = rotated + pose[:3, 3]
+    x, y, z = camera.T
+    fx, fy = K[0, 0], K[1, 1]
+    zeros = np.zeros_like(z)
+    # d(u, v) / d(camera point)
+    d_uv = np.stack([np.stack([fx / z, zeros, -fx * x / z**2], axis=1),
+                     np.stack([zeros, fy / z, -fy * y / z**2], axis=1)], axis=1)  # (N, 2, 3)
+    # d(camera point) / d(drot) = -[rotated]_x
+    skew = np.zeros((len(points_ct), 3, 3))
+    skew[:, 0, 1], skew[:, 0, 2] = -rotated[:, 2], rotated[:, 1]
+    skew[:, 1, 0], skew[:, 1, 2] = rotated[:, 2], -rotated[:, 0]
+    skew[:, 2, 0], skew[:, 2, 1] = -rotated[:, 1], rotated[:, 0]
+    jacobian = np.concatenate([d_uv, d_uv @ -skew], axis=2)  # (N, 2, 6)
+    return jacobian.reshape(-1, 6)
+
+
+def pose_covariance(points_ct, pixels, K, pose):
+    """6x6 pose covariance (x y z rx ry rz; mm, rad) = s^2 (J^T J)^-1 from the residuals.
+
+    s^2 = sum of squared pixel residuals / (2N - 6). Symmetric positive semi-definite (small
+    negative eigenvalues from round-off are clipped).
+    """
+    points_ct = np.asarray(points_ct, dtype=float).reshape(-1, 3)
+    pixels = np.asarray(pixels, dtype=float).reshape(-1, 2)
+    projected, _ = geometry.project_points(pose, K, points_ct)
+    residuals = (projected - pixels).ravel()
+    dof = max(residuals.size - 6, 1)
+    variance = float(residuals @ residuals) / dof
+    jacobian = _projection_jacobian(points_ct, np.asarray(K, dtype=float), pose)
+    covariance = variance * np.linalg.pinv(jacobian.T @ jacobian)
+    covariance = 0.5 * (covariance + covariance.T)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return (eigenvectors * np.clip(eigenvalues, 0.0, None)) @ eigenvectors.T
+
+
+def refine_lm(points_ct, pixels, K, pose):
+    """Levenberg-Marquardt refinement (cv2.solvePnPRefineLM) of ``pose`` on the given points.
+
+    Returns (refined pose, 6x6 covariance in ROS order, see ``pose_covariance``).
+    """
+    points_ct = np.ascontiguousarray(points_ct, dtype=np.float64).reshape(-1, 3)
+    pixels = np.ascontiguousarray(pixels, dtype=np.float64).reshape(-1, 2)
+    K = np.asarray(K, dtype=np.float64)
+    rvec, tvec = geometry.pose_to_rotvec(pose)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-10)
+    rvec, tvec = cv2.solvePnPRefineLM(points_ct, pixels, K, None, rvec.reshape(3, 1).copy(),
+                                      tvec.reshape(3, 1).copy(), criteria)
+    refined = geometry.pose_from_rotvec(rvec.ravel(), tvec.ravel())
+    return refined, pose_covariance(points_ct, pixels, K, refined)
