@@ -161,6 +161,7 @@ import rclpy  # noqa: E402,F401
 import rosbags  # noqa: E402,F401
 import SimpleITK  # noqa: E402,F401
 import tf2_msgs.msg  # noqa: E402,F401
+import xraydb  # noqa: E402,F401
 
 print(f'[bootstrap]   torch {torch.__version__}, rclpy, tf2_msgs, cv2 {cv2.__version__}, '
       f'SimpleITK, open3d {open3d.__version__}, rosbags: OK')

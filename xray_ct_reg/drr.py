@@ -40,11 +40,14 @@ def hu_to_mu(hu):
 class DRRProjector:
     """Ray-marching DRR renderer of one CT (float32 SimpleITK image in HU)."""
 
-    def __init__(self, ct, voxel_mm=2.0, step_mm=None, device='cpu'):
+    def __init__(self, ct, voxel_mm=2.0, step_mm=None, device='cpu', channels=hu_to_mu):
         """Resample ``ct`` to ~``voxel_mm`` voxels of attenuation and keep it as a tensor.
 
         Rays are sampled every ``step_mm`` (default: ``voxel_mm``) between their entry into and
         exit from the volume's box; the last, partial step is weighted by its length.
+        ``channels`` turns the resampled HU array (z, y, x) into what is integrated: one
+        (z, y, x) volume (default: attenuation, ``hu_to_mu``) or a (C, z, y, x) stack, e.g.
+        material densities, rendered as C images at once.
         """
         spacing = np.array(ct.GetSpacing())
         new_spacing = np.maximum(spacing, voxel_mm)
@@ -58,16 +61,18 @@ class DRRProjector:
         resampled = sitk.Resample(smooth, [int(s) for s in size], sitk.Transform(),
                                   sitk.sitkLinear, origin.tolist(), new_spacing.tolist(),
                                   ct.GetDirection(), -1000.0, sitk.sitkFloat32)
-        mu = hu_to_mu(sitk.GetArrayFromImage(resampled))  # (z, y, x)
+        mu = np.asarray(channels(sitk.GetArrayFromImage(resampled)), dtype=np.float32)
+        mu = mu[None] if mu.ndim == 3 else mu  # (C, z, y, x)
         # Crop to the attenuating region (air and outside the scan field are 0): shorter rays.
-        nonzero = np.argwhere(mu > 1e-6)
+        nonzero = np.argwhere(np.abs(mu).sum(axis=0) > 1e-6)
+        shape = np.array(mu.shape[1:])
         low = np.maximum(nonzero.min(axis=0) - 1, 0) if len(nonzero) else np.zeros(3, int)
-        high = np.minimum(nonzero.max(axis=0) + 2, mu.shape) if len(nonzero) else mu.shape
-        mu = np.ascontiguousarray(mu[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
+        high = np.minimum(nonzero.max(axis=0) + 2, shape) if len(nonzero) else shape
+        mu = np.ascontiguousarray(mu[:, low[0]:high[0], low[1]:high[1], low[2]:high[2]])
         origin = origin + direction @ (low[::-1] * new_spacing)
         self.device = torch.device(device)
-        self.volume = torch.from_numpy(mu)[None, None].to(self.device)
-        self.size_xyz = np.array(mu.shape[::-1], dtype=float)
+        self.volume = torch.from_numpy(mu)[None].to(self.device)
+        self.size_xyz = np.array(mu.shape[:0:-1], dtype=float)
         # physical -> continuous index (x, y, z): index = A (p - origin)
         self._physical_to_index = np.diag(1.0 / new_spacing) @ direction.T
         self._origin = origin
@@ -75,14 +80,17 @@ class DRRProjector:
         self.chunk_rays = 1024
 
     def render(self, pose, intrinsics):
-        """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct)."""
+        """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct).
+
+        (C, H, W) for a projector of C channels.
+        """
         with torch.no_grad():
             image = self.render_torch(torch.as_tensor(np.asarray(pose), dtype=torch.float64),
                                       intrinsics)
         return image.cpu().numpy().astype(np.float32)
 
     def render_torch(self, pose, intrinsics):
-        """Differentiable line integral image (H, W) float32 tensor.
+        """Differentiable line integral image (H, W) float32 tensor ((C, H, W) for C channels).
 
         ``pose`` is a (4, 4) tensor T_imager_ct (float64 recommended); gradients flow to it.
         """
@@ -123,6 +131,8 @@ class DRRProjector:
             rays = slice(first, first + self.chunk_rays)
             grid = torch.addcmul(start[rays, None, :], index[None, :, None], delta[rays, None, :])
             values = F.grid_sample(self.volume, grid.view(1, -1, 1, 1, 3), mode='bilinear',
-                                   padding_mode='zeros', align_corners=True).view(-1, count)
-            sums.append((values * weights[rays]).sum(dim=1))
-        return torch.cat(sums).view(intrinsics.height, intrinsics.width)
+                                   padding_mode='zeros', align_corners=True)
+            values = values.view(self.volume.shape[1], -1, count)
+            sums.append((values * weights[rays]).sum(dim=-1))
+        images = torch.cat(sums, dim=-1).view(-1, intrinsics.height, intrinsics.width)
+        return images[0] if images.shape[0] == 1 else images
