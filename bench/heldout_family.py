@@ -183,13 +183,17 @@ def test_set(patient, projector, n_per_group, size=128, seed=SEED, groups=GROUPS
                    'pose': pose, 'recipe': recipe}
 
 
-def _perturbed(pose, rng):
-    """``pose`` moved by 5-15 mm and rotated by 2-5 deg about random axes (a close start)."""
+def _perturbed(pose, centre_ct, rng):
+    """A close start: ``pose`` moved 5-15 mm and turned 2-5 deg about ``centre_ct``."""
     axis = rng.normal(size=3)
     direction = rng.normal(size=3)
-    rotation = axis / np.linalg.norm(axis) * np.radians(rng.uniform(2.0, 5.0))
-    offset = direction / np.linalg.norm(direction) * rng.uniform(5.0, 15.0)
-    return geometry.compose(geometry.pose_from_rotvec(rotation, offset), pose)
+    rotation = geometry.pose_from_rotvec(
+        axis / np.linalg.norm(axis) * np.radians(rng.uniform(2.0, 5.0)), np.zeros(3))
+    centre = geometry.transform_points(pose, np.asarray(centre_ct).reshape(1, 3))[0]
+    to_centre = geometry.make_pose(np.eye(3), -centre)
+    back = geometry.make_pose(
+        np.eye(3), centre + direction / np.linalg.norm(direction) * rng.uniform(5.0, 15.0))
+    return geometry.compose(back, rotation, to_centre, pose)
 
 
 def _refine_from(registrar, case, start):
@@ -200,7 +204,8 @@ def _refine_from(registrar, case, start):
     config = registrar.config
     pose, info = refine.refine_pose(registrar.projector, case['image'], case['intrinsics'],
                                     start, time_budget_s=config.refine_time_budget_s,
-                                    centre_ct=registrar.bone_centroid)
+                                    centre_ct=registrar.bone_centroid,
+                                    similarity=config.similarity)
     accepted, reason = intensity_gates(pose, info, case['intrinsics'], registrar.bone_centroid,
                                        config)
     return Result(pose=pose, accepted=accepted, reason=reason, scr_pose=start, refinement=info,
@@ -249,13 +254,17 @@ def main():
     parser.add_argument('-n', '--n-per-group', type=int, default=8)
     parser.add_argument('--refine-n', type=int, default=8, help='refined views per group')
     parser.add_argument('--size', type=int, default=128)
+    parser.add_argument('--similarity', default='ncc', help='refine.SIMILARITIES name')
+    parser.add_argument('--modes', nargs='+', default=['scr', 'refined', 'near_truth'],
+                        choices=['scr', 'refined', 'near_truth'])
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     args = parser.parse_args()
     patient = ct.load_patient('example')
     projector = xray_physics.MaterialProjector(patient.ct)
     scr = Registrar.from_checkpoint(args.model, patient=patient)
     refined = Registrar(scr.model, scr.metadata, patient=patient,
-                        config=RegistrationConfig(intensity_refine=True))
+                        config=RegistrationConfig(intensity_refine=True,
+                                                  similarity=args.similarity))
     cases = list(test_set(patient, projector, args.n_per_group, args.size))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,12 +278,15 @@ def main():
     for mode, registrar, limit in (('scr', scr, args.n_per_group),
                                    ('refined', refined, args.refine_n),
                                    ('near_truth', refined, args.refine_n)):
+        if mode not in args.modes:
+            continue
         records = []
         for case in cases:
             if case['index'] >= limit:
                 continue
             if mode == 'near_truth':  # the refinement and its gates alone, from a close start
-                result = _refine_from(registrar, case, _perturbed(case['pose'], rng))
+                result = _refine_from(registrar, case,
+                                      _perturbed(case['pose'], patient.bone_centroid, rng))
             else:
                 result = registrar.register(case['image'], case['intrinsics'])
             error = (geometry.mtre(result.pose, case['pose'], patient.targets)
@@ -293,8 +305,10 @@ def main():
         report['modes'][mode] = {
             'groups': {g: _summary([r for r in records if r['group'] == g]) for g in GROUPS},
             'records': records}
-    _plot(report['modes']['refined']['records'] + report['modes']['near_truth']['records'],
-          out / 'heldout_family.png')
+    refined_records = [record for mode in ('refined', 'near_truth') if mode in report['modes']
+                       for record in report['modes'][mode]['records']]
+    suffix = '' if args.similarity == 'ncc' else f'_{args.similarity}'
+    _plot(refined_records, out / f'heldout_family{suffix}.png')
     print(f"\n{'mode':8} {'group':8} {'n':>3} {'acc':>4} {'acc p50':>8} {'acc p95':>8} "
           f"{'>10mm':>6} {'est p50':>8}")
     for mode, data in report['modes'].items():
@@ -304,8 +318,9 @@ def main():
             print(f"{mode:8} {group:8} {row['n']:3d} {row['accepted']:4d} "
                   f"{fmt(row['accepted_mtre_p50_mm'])} {fmt(row['accepted_mtre_p95_mm'])} "
                   f"{row['accepted_over_10mm']:6d} {fmt(row['estimate_mtre_p50_mm'])}")
-    (out / 'heldout_family.json').write_text(json.dumps(to_jsonable(report), indent=1))
-    print(f'wrote {out}/heldout_family.json, heldout_family.png, heldout_family_views.png')
+    report['similarity'] = args.similarity
+    (out / f'heldout_family{suffix}.json').write_text(json.dumps(to_jsonable(report), indent=1))
+    print(f'wrote {out}/heldout_family{suffix}.json and .png, heldout_family_views.png')
 
 
 if __name__ == '__main__':

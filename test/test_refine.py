@@ -130,3 +130,19 @@ def test_refinement_is_deterministic_under_load_and_a_budget_only_rejects(patien
     accepted, reason = intensity_gates(cut, cut_info, intrinsics, patient.bone_centroid,
                                        RegistrationConfig())
     assert not accepted and 'did not finish' in reason
+
+
+def test_gradient_ncc_ignores_gain_offset_and_linear_shading():
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(rng.random((32, 32)))
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing='ij')
+    shaded = 2.0 * a + 0.5 + 0.05 * xx.double() - 0.03 * yy.double()  # gain, offset, heel/scatter
+    assert float(refine.gradient_ncc(a, shaded)) == pytest.approx(1.0)
+    assert float(refine.ncc(a, shaded)) < 0.9
+    assert float(refine.gradient_ncc(a, -shaded)) == pytest.approx(-1.0)
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    mask[:, :8] = False
+    scrambled = shaded.clone()
+    scrambled[:, :8] = torch.from_numpy(rng.random((32, 8)))
+    assert float(refine.gradient_ncc(a, scrambled, mask)) == pytest.approx(1.0)
+    assert set(refine.SIMILARITIES) >= {'ncc', 'gradient_ncc'}

@@ -95,6 +95,29 @@ def ncc(a, b, mask=None):
     return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
 
 
+def _differences(image, mask):
+    """Horizontal and vertical differences of an image, with the masks where both ends count."""
+    pairs = [(image[:, 1:] - image[:, :-1], None), (image[1:, :] - image[:-1, :], None)]
+    if mask is not None:
+        pairs = [(pairs[0][0], mask[:, 1:] & mask[:, :-1]),
+                 (pairs[1][0], mask[1:, :] & mask[:-1, :])]
+    return pairs
+
+
+def gradient_ncc(a, b, mask=None):
+    """Gradient correlation: mean NCC of the horizontal and of the vertical differences.
+
+    Insensitive to the low-frequency part of an X-ray's appearance (scatter, soft tissue,
+    heel effect, a processing LUT's offset) that NCC of the intensities has to match.
+    """
+    return 0.5 * sum(ncc(da, db, m) for (da, m), (db, _) in
+                     zip(_differences(a, mask), _differences(b, mask), strict=True))
+
+
+# name -> similarity(rendered DRR, X-ray, exposed mask), 1 = identical up to gain and offset
+SIMILARITIES = {'ncc': ncc, 'gradient_ncc': gradient_ncc}
+
+
 def _perturbed_pose(pose, delta, centre_imager):
     """T_imager_ct after the perturbation ``delta`` = (dt mm, dr * RADIUS_MM) about the centre."""
     rx, ry, rz = delta[3:] / RADIUS_MM
@@ -131,20 +154,21 @@ def _level_target(image, mask, intrinsics, size):
     return target, exposed, small_intrinsics
 
 
-def _similarity(projector, pose, level, polarity):
-    """Masked NCC (times ``polarity``) of the DRR at ``pose`` with a level's target, no grad."""
+def _similarity(projector, pose, level, polarity, measure=ncc):
+    """Masked ``measure`` (times ``polarity``) of the DRR at ``pose`` with a level's target."""
     target, exposed, level_intrinsics = level
     with torch.no_grad():
-        return float(polarity * ncc(projector.render_torch(pose, level_intrinsics).double(),
-                                    target, exposed))
+        return float(polarity * measure(projector.render_torch(pose, level_intrinsics).double(),
+                                        target, exposed))
 
 
 class BudgetExceeded(RuntimeError):
     """The refinement's fixed schedule did not finish within its time budget."""
 
 
-def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadline, delta=None):
-    """Adam ascent of the NCC over a perturbation of ``pose``; returns the perturbation.
+def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadline, measure,
+           delta=None):
+    """Adam ascent of ``measure`` over a perturbation of ``pose``; returns the perturbation.
 
     Always takes exactly ``steps`` steps (a fixed schedule: the same input gives the same pose
     under any load); raises BudgetExceeded when the deadline passes first.
@@ -159,7 +183,7 @@ def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadlin
         optimiser.zero_grad()
         rendered = projector.render_torch(_perturbed_pose(pose, delta, centre_imager),
                                           level_intrinsics).double()
-        (-polarity * ncc(rendered, target, exposed)).backward()
+        (-polarity * measure(rendered, target, exposed)).backward()
         optimiser.step()
     return delta
 
@@ -173,14 +197,16 @@ def _along_beam(pose, centre_imager, offset_mm):
 
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
-                levels=(32, 64), iterations=(60, 30), centre_ct=None):
+                levels=(32, 64), iterations=(60, 30), centre_ct=None, similarity='ncc'):
     """Refine ``pose`` (T_imager_ct) by masked NCC between ``image`` and DRRs, coarse to fine.
 
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the Adam steps per
     level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
-    central ray). Steps: both polarities climb for POLARITY_TRIAL_STEPS at the coarsest level
-    and the better one goes on; after the levels, a line search along the beam
-    (DEPTH_SEARCH_MM, the weak direction of one view) and POLISH_STEPS at the finest level.
+    central ray). ``similarity`` names the measure maximised and reported (SIMILARITIES; the
+    ``ncc_*`` fields of the info hold it). Steps: both polarities climb for
+    POLARITY_TRIAL_STEPS at the coarsest level and the better one goes on; after the levels,
+    a line search along the beam (DEPTH_SEARCH_MM, the weak direction of one view) and
+    POLISH_STEPS at the finest level.
     Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
@@ -206,7 +232,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     if finest[1].sum() >= 16:  # else: nothing to compare, the start pose is returned
         try:
             refined, scores = _schedule(projector, pose0, centre_imager, targets, iterations,
-                                        deadline)
+                                        deadline, SIMILARITIES[similarity])
             info = replace(info, **scores)
         except BudgetExceeded:
             info.finished = False
@@ -214,41 +240,44 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     return refined.numpy(), info
 
 
-def _schedule(projector, pose0, centre_imager, targets, iterations, deadline):
+def _schedule(projector, pose0, centre_imager, targets, iterations, deadline, measure):
     """The fixed refinement schedule; returns (refined pose tensor, scores for the info)."""
     finest = targets[-1]
+
+    def score(pose, level=finest, sign=None):
+        return _similarity(projector, pose, level, polarity if sign is None else sign, measure)
+
     rates = LEARNING_RATES[-len(targets):]
     # polarity: both climb a little at the coarsest level; the better one goes on
     trials = []
-    for polarity in (1.0, -1.0):
-        delta = _climb(projector, pose0, centre_imager, targets[0], polarity,
-                       POLARITY_TRIAL_STEPS, rates[0], deadline)
-        score = _similarity(projector, _perturbed_pose(pose0, delta.detach(), centre_imager),
-                            targets[0], polarity)
-        trials.append((score, polarity, delta))
+    for sign in (1.0, -1.0):
+        delta = _climb(projector, pose0, centre_imager, targets[0], sign,
+                       POLARITY_TRIAL_STEPS, rates[0], deadline, measure)
+        trials.append((score(_perturbed_pose(pose0, delta.detach(), centre_imager), targets[0],
+                             sign), sign, delta))
     _, polarity, delta = max(trials, key=lambda trial: trial[0])
-    ncc_before = _similarity(projector, pose0, finest, polarity)
+    ncc_before = score(pose0)
     for index, (level, count, rate) in enumerate(zip(targets, iterations, rates, strict=True)):
         remaining = count - (POLARITY_TRIAL_STEPS if index == 0 else 0)
         delta = _climb(projector, pose0, centre_imager, level, polarity, remaining, rate,
-                       deadline, delta)
+                       deadline, measure, delta)
     candidate = _perturbed_pose(pose0, delta.detach(), centre_imager)
     # depth: line search along the beam, then a polish at the finest level
     beam_centre = candidate[:3, :3] @ (
         torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
-    scores = [(_similarity(projector, _along_beam(candidate, beam_centre, offset), finest,
-                           polarity), offset) for offset in DEPTH_SEARCH_MM]
+    scores = [(score(_along_beam(candidate, beam_centre, offset)), offset)
+              for offset in DEPTH_SEARCH_MM]
     ncc_after, best_offset = max(scores)
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
         polish = _climb(projector, candidate, beam_centre, finest, polarity, POLISH_STEPS,
-                        rates[-1], deadline)
+                        rates[-1], deadline, measure)
         candidate = _perturbed_pose(candidate, polish.detach(), beam_centre)
-        ncc_after = _similarity(projector, candidate, finest, polarity)
+        ncc_after = score(candidate)
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
-    probes = [_similarity(projector, _along_beam(refined, beam_centre, offset), finest, polarity)
+    probes = [score(_along_beam(refined, beam_centre, offset))
               for offset in (-DEPTH_PROBE_MM, DEPTH_PROBE_MM)]
     steps = POLARITY_TRIAL_STEPS + sum(iterations) + (POLISH_STEPS if best_offset else 0)
     return refined, dict(ncc_before=ncc_before, ncc_after=final, iterations=steps,

@@ -110,6 +110,9 @@ class RegistrationConfig:
     intensity_refine: bool = setting(
         False, 'refine the PnP pose by intensity against a DRR and judge the refined pose by '
         'min_ncc instead of the correspondence gates (needs the CT)')
+    similarity: str = setting(
+        'ncc', 'image similarity the intensity refinement maximises and min_ncc judges '
+        '(refine.SIMILARITIES)', choices=tuple(refine.SIMILARITIES), live=True)
     refine_time_budget_s: float = setting(
         60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 5-15 s on '
         '2 CPU cores; one that cannot finish in time is rejected, never cut short',
@@ -350,7 +353,8 @@ class Registrar:
             fields['scr_pose'] = pose
             fields['pose'], fields['refinement'] = refine.refine_pose(
                 self.projector, image, intrinsics, pose,
-                time_budget_s=config.refine_time_budget_s, centre_ct=self.bone_centroid)
+                time_budget_s=config.refine_time_budget_s, centre_ct=self.bone_centroid,
+                similarity=config.similarity)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
             accepted, reason = intensity_gates(fields['pose'], fields['refinement'],
                                                intrinsics, self.bone_centroid, config)
