@@ -224,8 +224,8 @@ def _summary(records):
             if records else None}
 
 
-def _plot(records, path):
-    """Gate score (NCC of the refined pose) against mTRE, accepted and rejected."""
+def _plot(records, path, similarity):
+    """Gate score (the similarity at the refined pose) against mTRE, accepted and rejected."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -237,7 +237,7 @@ def _plot(records, path):
     axis.axvline(10.0, color='grey', linestyle=':', label='gross failure (10 mm)')
     axis.set_xscale('log')
     axis.set_xlabel('mTRE of the refined pose (mm): from the SCR start and from near the truth')
-    axis.set_ylabel('NCC (gate score)')
+    axis.set_ylabel(f'{similarity} at the refined pose (gate score)')
     axis.set_title('held-out appearance family: gate score vs error')
     axis.legend()
     figure.tight_layout()
@@ -308,7 +308,7 @@ def main():
     refined_records = [record for mode in ('refined', 'near_truth') if mode in report['modes']
                        for record in report['modes'][mode]['records']]
     suffix = '' if args.similarity == 'ncc' else f'_{args.similarity}'
-    _plot(refined_records, out / f'heldout_family{suffix}.png')
+    _plot(refined_records, out / f'heldout_family{suffix}.png', args.similarity)
     print(f"\n{'mode':8} {'group':8} {'n':>3} {'acc':>4} {'acc p50':>8} {'acc p95':>8} "
           f"{'>10mm':>6} {'est p50':>8}")
     for mode, data in report['modes'].items():
