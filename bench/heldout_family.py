@@ -269,8 +269,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sheet = np.concatenate([np.concatenate([cv2.resize(
-        (c['image'] / 65535.0 * (65535.0 / max(int(c['image'].max()), 1))).astype(np.float32),
-        (96, 96)) for c in cases[g * args.n_per_group:(g + 1) * args.n_per_group]], axis=1)
+        (c['image'] / max(int(c['image'].max()), 1)).astype(np.float32), (96, 96))
+        for c in cases[g * args.n_per_group:(g + 1) * args.n_per_group]], axis=1)
         for g in range(len(GROUPS))], axis=0)
     cv2.imwrite(str(out / 'heldout_family_views.png'), np.round(sheet * 255).astype(np.uint8))
     report = {'seed': SEED, 'size': args.size, 'model': args.model, 'modes': {}}

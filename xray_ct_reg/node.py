@@ -61,8 +61,7 @@ class RegistrationNode(LifecycleNode):
         ros_io.declare_settings(self, SPECS.values())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._answer_invalid_transitions()
-        self._config = NodeConfig()
-        self._core = StreamCore(self._config)
+        self._core = StreamCore(NodeConfig())
         self._registrar = self._patient = None
         self._state = 'unconfigured'
         self._configure_error = ''
@@ -75,6 +74,11 @@ class RegistrationNode(LifecycleNode):
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
 
     # ------------------------------------------------------------------------- parameters
+    @property
+    def _config(self):
+        """The node's settings (``stream.NodeConfig``), held by the stream core."""
+        return self._core.config
+
     def _values(self):
         """Current value of every setting, by name."""
         return {name: self.get_parameter(name).value for name in SPECS}
@@ -89,8 +93,7 @@ class RegistrationNode(LifecycleNode):
                                                                    parameter.value)
                 except ValueError as error:
                     return SetParametersResult(successful=False, reason=str(error))
-        self._config = settings.update(self._config, changes)
-        self._core.config = self._config
+        self._core.config = settings.update(self._config, changes)
         if self._registrar is not None:
             self._registrar.config = settings.update(self._registrar.config, changes)
         return SetParametersResult(successful=True)
@@ -122,8 +125,7 @@ class RegistrationNode(LifecycleNode):
         """Load and check the model (and CT); fail the transition with a clear log otherwise."""
         try:
             values = self._values()
-            self._config = settings.build(NodeConfig, values)
-            self._core.config = self._config
+            self._core.config = settings.build(NodeConfig, values)
             self._registrar, self._patient = self._load_registrar(
                 settings.build(RegistrationConfig, values))
         except Exception as error:  # noqa: BLE001 - any failure must fail the transition

@@ -95,13 +95,11 @@ def ncc(a, b, mask=None):
     return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
 
 
-def _differences(image, mask):
-    """Horizontal and vertical differences of an image, with the masks where both ends count."""
-    pairs = [(image[:, 1:] - image[:, :-1], None), (image[1:, :] - image[:-1, :], None)]
-    if mask is not None:
-        pairs = [(pairs[0][0], mask[:, 1:] & mask[:, :-1]),
-                 (pairs[1][0], mask[1:, :] & mask[:-1, :])]
-    return pairs
+def _differences(image):
+    """Horizontal and vertical differences of an image; of a bool mask, where both ends count."""
+    if image.dtype == torch.bool:
+        return image[:, 1:] & image[:, :-1], image[1:, :] & image[:-1, :]
+    return image[:, 1:] - image[:, :-1], image[1:, :] - image[:-1, :]
 
 
 def gradient_ncc(a, b, mask=None):
@@ -110,8 +108,9 @@ def gradient_ncc(a, b, mask=None):
     Insensitive to the low-frequency part of an X-ray's appearance (scatter, soft tissue,
     heel effect, a processing LUT's offset) that NCC of the intensities has to match.
     """
-    return 0.5 * sum(ncc(da, db, m) for (da, m), (db, _) in
-                     zip(_differences(a, mask), _differences(b, mask), strict=True))
+    masks = _differences(mask) if mask is not None else (None, None)
+    return 0.5 * sum(ncc(da, db, m) for da, db, m in
+                     zip(_differences(a), _differences(b), masks, strict=True))
 
 
 # name -> similarity(rendered DRR, X-ray, exposed mask), 1 = identical up to gain and offset

@@ -80,18 +80,21 @@ def check_value(spec, value):
     return value
 
 
+def _checked(config_class, values):
+    """The entries of ``values`` that are settings of ``config_class``, each checked."""
+    by_name = {spec.name: spec for spec in specs(config_class)}
+    return {name: check_value(by_name[name], value)
+            for name, value in values.items() if name in by_name}
+
+
 def build(config_class, values):
     """An instance of ``config_class`` from a dict (unknown keys ignored; each value checked)."""
-    by_name = {spec.name: spec for spec in specs(config_class)}
-    return config_class(**{name: check_value(by_name[name], value)
-                           for name, value in values.items() if name in by_name})
+    return config_class(**_checked(config_class, values))
 
 
 def update(config, values):
     """A copy of ``config`` with ``values`` applied (each checked; unknown keys ignored)."""
-    by_name = {spec.name: spec for spec in specs(type(config))}
-    return replace(config, **{name: check_value(by_name[name], value)
-                              for name, value in values.items() if name in by_name})
+    return replace(config, **_checked(type(config), values))
 
 
 def read_params_file(path, node_name=NODE_NAME):

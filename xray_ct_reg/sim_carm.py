@@ -23,6 +23,7 @@ from std_msgs.msg import Header
 
 from xray_ct_reg import geometry, image_io, ros_io, settings
 from xray_ct_reg.settings import setting
+from xray_ct_reg.stream import QOS_PROFILES
 
 NODE_NAME = 'simulated_carm'
 
@@ -107,7 +108,7 @@ class SimCarmConfig:
     camera_info_topic: str = setting('/carm/camera_info', 'CameraInfo topic')
     true_pose_topic: str = setting('/carm/true_pose', 'true pose topic (PoseStamped, m)')
     qos: str = setting('reliable', 'QoS of image and CameraInfo (REP 2003: drivers publish '
-                       'reliable)', choices=('reliable', 'sensor_data'))
+                       'reliable)', choices=QOS_PROFILES)
 
 
 class SimulatedCarm(Node):
