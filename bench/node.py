@@ -70,7 +70,7 @@ def main():
         executor.add_node(each)
     assert node.start(), node.stats()
     threading.Thread(target=executor.spin, daemon=True).start()
-    while image_pub.get_subscription_count() == 0:
+    while image_pub.get_subscription_count() == 0 or info_pub.get_subscription_count() == 0:
         time.sleep(0.05)
     messages = [(ros_io.array_to_image_msg(f.image, 'mono16'),
                  ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in frames]

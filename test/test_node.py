@@ -115,8 +115,13 @@ class Harness:
         return next(d for d in self.diagnostics[start:] if predicate(*d))
 
     def wait_ready(self):
-        """Wait until the node's image subscription is matched."""
-        assert self.spin(60.0, lambda: self.image_pub.get_subscription_count() > 0), \
+        """Wait until the node's image and CameraInfo subscriptions are both matched.
+
+        Discovery matches them one at a time; a CameraInfo sent before its subscription is
+        matched is lost (volatile), and its frame then fails pairing.
+        """
+        assert self.spin(60.0, lambda: self.image_pub.get_subscription_count() > 0
+                         and self.info_pub.get_subscription_count() > 0), \
             'node never subscribed:\n' + ''.join(self.log)
 
     def _call(self, service_type, name, request, warm_up, timeout=60.0):

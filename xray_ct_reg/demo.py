@@ -104,8 +104,8 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
             raise RuntimeError(f'the node did not start: {node.stats()["last_reason"]}')
         _spin_in_background(executor)
         deadline = time.monotonic() + 10.0
-        while (node.count_subscribers('/carm/image_raw') == 0 or image_pub.get_subscription_count()
-               == 0) and time.monotonic() < deadline:
+        while (image_pub.get_subscription_count() == 0 or info_pub.get_subscription_count() == 0
+               ) and time.monotonic() < deadline:  # a CameraInfo sent before matching is lost
             time.sleep(0.05)
         for frame in frames:
             if frame['error'] or frame['image'] is None:
