@@ -16,7 +16,7 @@ setup(
         ('share/' + PACKAGE + '/config', glob('config/*.yaml') + glob('config/*.xml')),
         ('share/' + PACKAGE + '/models', glob('models/*')),
     ],
-    package_data={PACKAGE: ['py.typed']},
+    package_data={PACKAGE: ['py.typed', 'tube_spectra.json']},
     install_requires=['setuptools'],
     zip_safe=True,
     maintainer='xray_ct_reg developers',

@@ -117,11 +117,37 @@ def test_tiny_training_run_writes_checkpoint_curves_log_and_resumes(tmp_path):
     resumed = tmp_path / 'run' / 'resumed.pt'
     again = training.train(training.TrainConfig(**{**vars(config), 'out': str(resumed),
                                                    'resume': str(out), 'epochs': 1}))
-    assert again['epochs'] == 3
+    assert again['epochs'] == 3  # weights only: a new one-epoch schedule after the two
     with pytest.raises(scr.CheckpointError, match='another CT'):
         manifest = json.loads((data / 'manifest.json').read_text())
         (data / 'manifest.json').write_text(json.dumps({**manifest, 'ct_sha256': 'd' * 64}))
         training.train(training.TrainConfig(**{**vars(config), 'resume': str(out)}))
+
+
+def test_resumed_state_continues_optimiser_schedule_and_data_exactly(tmp_path):
+    """Stopping after one epoch and resuming the state gives the same weights as one run."""
+    data = _write_dataset(tmp_path / 'data')
+    config = training.TrainConfig(data=str(data), out=str(tmp_path / 'whole' / 'model.pt'),
+                                  epochs=3, batch_size=4, width=4, depth=2, progress=False,
+                                  patience=5)
+    training.train(config)
+    split = training.TrainConfig(**{**vars(config), 'out': str(tmp_path / 'split' / 'model.pt'),
+                                    'stop_after_minutes': 0.0})
+    first = training.train(split)
+    assert first['epochs'] == 1
+    state = training.state_path(split.out)
+    second = training.train(training.TrainConfig(**{**vars(split), 'stop_after_minutes': None,
+                                                    'resume': str(state)}))
+    assert second['epochs'] == 3
+    whole = torch.load(training.state_path(config.out), weights_only=True)
+    parts = torch.load(state, weights_only=True)
+    assert whole['progress']['step'] == parts['progress']['step'] == 3 * (10 // 4)
+    for name, tensor in whole['network'].items():
+        assert torch.equal(tensor, parts['network'][name]), name
+    assert whole['optimizer']['state'][0]['step'] == parts['optimizer']['state'][0]['step']
+    with pytest.raises(ValueError, match='cannot read --resume'):
+        (tmp_path / 'bad.pt').write_bytes(b'not a torch file')
+        training.train(training.TrainConfig(**{**vars(config), 'resume': str(tmp_path / 'bad.pt')}))
 
 
 def test_cli_arguments():

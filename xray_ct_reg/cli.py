@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     'simulate': ('xray_ct_reg.simulate', 'simulate C-arm training data from a CT'),
     'train': ('xray_ct_reg.train', 'train the scene coordinate regression network'),
     'prepare': ('xray_ct_reg.train', 'CT to model in one step: simulate, then train'),
+    'export-patient': ('xray_ct_reg.train', 'write the patient file for online training'),
     'register': ('xray_ct_reg.register', 'register one X-ray image to the CT'),
     'evaluate': ('xray_ct_reg.evaluate', 'measure registration accuracy on simulated views'),
     'bag-record-sim': ('xray_ct_reg.bag', 'write a rosbag2 of simulated C-arm frames'),

@@ -143,12 +143,11 @@ def index_to_physical(image, index_xyz):
     return scaled @ direction.T + np.array(image.GetOrigin())
 
 
-def surface_mesh(mask, max_triangles=DEFAULT_MAX_TRIANGLES, voxel_mm=DEFAULT_MESH_VOXEL_MM,
-                 smoothing_mm=0.75):
-    """Bone surface of a binary mask as an Open3D mesh in physical mm (outward normals).
+def bone_field(mask, voxel_mm=DEFAULT_MESH_VOXEL_MM, smoothing_mm=0.75):
+    """Smoothed bone occupancy in [0, 1] (float32 image) on a grid of ~``voxel_mm`` voxels.
 
-    The mask is smoothed (Gaussian, ``smoothing_mm``), resampled to ``voxel_mm`` voxels,
-    triangulated by marching cubes at 0.5 and decimated to at most ``max_triangles``.
+    The mask is smoothed (Gaussian, ``smoothing_mm``) and resampled linearly; its 0.5 level is
+    the bone surface (:func:`surface_mesh` triangulates it; ``online_sim`` ray marches it).
     """
     spacing = np.array(mask.GetSpacing())
     smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(mask, sitk.sitkFloat32),
@@ -156,9 +155,19 @@ def surface_mesh(mask, max_triangles=DEFAULT_MAX_TRIANGLES, voxel_mm=DEFAULT_MES
     new_spacing = np.maximum(spacing, voxel_mm)
     new_size = np.ceil(np.array(mask.GetSize()) * spacing / new_spacing).astype(int)
     origin = index_to_physical(mask, (new_spacing / spacing - 1.0)[None] / 2.0)[0]
-    grid = sitk.Resample(smooth, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear,
+    return sitk.Resample(smooth, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear,
                          origin.tolist(), new_spacing.tolist(), mask.GetDirection(), 0.0,
                          sitk.sitkFloat32)
+
+
+def surface_mesh(mask, max_triangles=DEFAULT_MAX_TRIANGLES, voxel_mm=DEFAULT_MESH_VOXEL_MM,
+                 smoothing_mm=0.75):
+    """Bone surface of a binary mask as an Open3D mesh in physical mm (outward normals).
+
+    The 0.5 level of :func:`bone_field`, triangulated by marching cubes and decimated to at
+    most ``max_triangles``.
+    """
+    grid = bone_field(mask, voxel_mm, smoothing_mm)
     volume = np.pad(sitk.GetArrayFromImage(grid), 1)  # pad so the surface is closed
     if volume.max() <= 0.5:
         raise CTError('the bone mask is empty: no surface to build (check the threshold/labels)')

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xray_ct_reg.geometry import pixel_centers
+from xray_ct_reg.raymarch import clip_rays_to_box
 
 MU_WATER_PER_MM = 0.02
 # Extra attenuation per HU above BONE_ONSET_HU, relative to soft tissue's. CT numbers are
@@ -37,6 +38,27 @@ def hu_to_mu(hu):
     return scaled / 1000.0 * MU_WATER_PER_MM
 
 
+def resample_to_voxels(image, voxel_mm, default=0.0):
+    """``image`` resampled (linear, float32) to voxels of at least ``voxel_mm`` per axis.
+
+    Axes finer than ``voxel_mm`` are Gaussian-smoothed first (no aliasing); the grid keeps the
+    image's direction and extent. ``default`` fills outside the image.
+    """
+    spacing = np.array(image.GetSpacing())
+    new_spacing = np.maximum(spacing, voxel_mm)
+    sigma = np.sqrt(np.maximum(new_spacing ** 2 - spacing ** 2, 0.0)) / 2.0
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    smooth = image if not np.any(sigma > 0) else sitk.SmoothingRecursiveGaussian(
+        image, [float(max(s, 1e-3)) for s in sigma])
+    size = np.ceil(np.array(image.GetSize()) * spacing / new_spacing).astype(int)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = (np.array(image.GetOrigin())
+              + direction @ ((new_spacing - spacing) / 2.0))  # same extent as the image
+    return sitk.Resample(smooth, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear,
+                         origin.tolist(), new_spacing.tolist(), image.GetDirection(),
+                         float(default), sitk.sitkFloat32)
+
+
 class DRRProjector:
     """Ray-marching DRR renderer of one CT (float32 SimpleITK image in HU)."""
 
@@ -49,18 +71,10 @@ class DRRProjector:
         (z, y, x) volume (default: attenuation, ``hu_to_mu``) or a (C, z, y, x) stack, e.g.
         material densities, rendered as C images at once.
         """
-        spacing = np.array(ct.GetSpacing())
-        new_spacing = np.maximum(spacing, voxel_mm)
-        sigma = np.sqrt(np.maximum(new_spacing ** 2 - spacing ** 2, 0.0)) / 2.0
-        smooth = ct if not np.any(sigma > 0) else sitk.SmoothingRecursiveGaussian(
-            ct, [float(max(s, 1e-3)) for s in sigma])
-        size = np.ceil(np.array(ct.GetSize()) * spacing / new_spacing).astype(int)
+        resampled = resample_to_voxels(ct, voxel_mm, -1000.0)
+        new_spacing = np.array(resampled.GetSpacing())
         direction = np.array(ct.GetDirection()).reshape(3, 3)
-        origin = (np.array(ct.GetOrigin())
-                  + direction @ ((new_spacing - spacing) / 2.0))  # same extent as the CT
-        resampled = sitk.Resample(smooth, [int(s) for s in size], sitk.Transform(),
-                                  sitk.sitkLinear, origin.tolist(), new_spacing.tolist(),
-                                  ct.GetDirection(), -1000.0, sitk.sitkFloat32)
+        origin = np.array(resampled.GetOrigin())
         mu = np.asarray(channels(sitk.GetArrayFromImage(resampled)), dtype=np.float32)
         mu = mu[None] if mu.ndim == 3 else mu  # (C, z, y, x)
         # Crop to the attenuating region (air and outside the scan field are 0): shorter rays.
@@ -110,12 +124,7 @@ class DRRProjector:
         source_index = to_index @ (source - origin)
         directions_index = directions @ to_index.T
         upper = torch.as_tensor(self.size_xyz - 1.0, dtype=dtype, device=self.device)
-        safe = torch.where(directions_index.abs() < 1e-12,
-                           torch.full_like(directions_index, 1e-12), directions_index)
-        t0 = (0.0 - source_index) / safe
-        t1 = (upper - source_index) / safe
-        t_near = torch.minimum(t0, t1).amax(dim=1).clamp(min=0.0)
-        t_far = torch.maximum(t0, t1).amin(dim=1)
+        t_near, t_far = clip_rays_to_box(source_index, directions_index, 0.0, upper)
         length = (t_far - t_near).clamp(min=0.0)
         count = max(int(torch.ceil(length.max() / self.step_mm).item()), 1)
         # float32 from here on: normalised grid coordinates, start + i * delta per ray.

@@ -57,12 +57,14 @@ class ChannelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        """Normalise (B, C, H, W) over C at every pixel."""
+        """Normalise (B, C, H, W) over C at every pixel (in float32 under mixed precision)."""
+        dtype = x.dtype
+        x = x.float()
         mean = x.mean(dim=1, keepdim=True)
         centred = x - mean
         variance = (centred * centred).mean(dim=1, keepdim=True)
         scaled = centred * torch.rsqrt(variance + self.eps)
-        return scaled * self.weight[:, None, None] + self.bias[:, None, None]
+        return (scaled * self.weight[:, None, None] + self.bias[:, None, None]).to(dtype)
 
 
 def _stem(in_channels, out_channels):
@@ -261,6 +263,16 @@ def normalise_intensity(image):
     if not high > low:
         raise ValueError(f'image has no contrast (1st and 99th percentiles are both {low:g})')
     return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def normalise_intensity_batch(images):
+    """:func:`normalise_intensity` of a (B, H, W) torch batch on its device; flat images -> 0."""
+    flat = images.flatten(1).float()
+    fractions = torch.tensor(INPUT_PERCENTILES, dtype=flat.dtype, device=flat.device) / 100.0
+    low, high = torch.quantile(flat, fractions, dim=1)[..., None, None]
+    span = high - low
+    scaled = ((images - low) / span.clamp(min=1e-12)).clamp(0.0, 1.0)
+    return torch.where(span > 0, scaled, torch.zeros_like(scaled))
 
 
 def prepare_input(image, size=None):

@@ -17,6 +17,7 @@ checkpoint's ``confident_sigma_mm`` is the sigma below which the ``confident_fra
 confident validation bone pixels lie, and the registrar uses those pixels only. The best
 validation loss is checkpointed; training stops early after ``patience`` epochs without improvement.
 """
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 import json
@@ -33,6 +34,8 @@ from xray_ct_reg import model as scr
 from xray_ct_reg.dataset import read_manifest
 
 CURVES_NAME = 'training_curves.png'
+STATE_FORMAT = 'xray_ct_reg.train_state/1'
+STATE_SUFFIX = '.state.pt'
 LOG_NAME = 'training_log.json'
 TRAINING_KEYS = ('line_integral', 'entry', 'exit', 'hit', 'collimation', 'K')
 
@@ -55,7 +58,14 @@ class TrainConfig:
     patience: int = 8
     max_minutes: float | None = None
     resume: str | None = None
+    stop_after_minutes: float | None = None
     threads: int = 2
+    patient: str | None = None
+    device: str = 'auto'
+    epoch_views: int = 2048
+    local_fraction: float = 0.4
+    extension_probability: float = 0.5
+    extension_mm: float = 200.0
     crop_probability: float = 0.5
     min_crop_scale: float = 0.6
     collimation_probability: float = 0.3
@@ -193,8 +203,8 @@ def coordinate_errors(network, image, entry_mm, exit_mm, bone):
     errors, sigmas = [], []
     for name, target in (('entry', entry_mm), ('exit', exit_mm)):
         error = torch.linalg.norm(prediction[f'{name}_mm'] - target, dim=-1)
-        errors.append(error[bone].numpy())
-        sigmas.append(torch.exp(prediction[f'{name}_log_sigma'])[bone].numpy())
+        errors.append(error[bone].cpu().numpy())
+        sigmas.append(torch.exp(prediction[f'{name}_log_sigma'])[bone].cpu().numpy())
     return np.concatenate(errors), np.concatenate(sigmas)
 
 
@@ -244,22 +254,21 @@ def learning_rate(config, progress):
     return config.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(phase, 1.0))))
 
 
-def _checkpoint_metadata(config, manifest, size, metrics, history, wall_s):
+def _checkpoint_metadata(config, source, metrics, history, wall_s):
     """Metadata stored with the checkpoint (JSON-able)."""
     K = np.asarray(history['K'])
-    sdd_mm = float((manifest.get('geometry') or {}).get('sdd_mm', geometry.CIOS_FUSION_SDD_MM))
-    intrinsics = geometry.Intrinsics(K, size, size, sdd_mm)
+    size = source.size
+    intrinsics = geometry.Intrinsics(K, size, size, source.info['sdd_mm'])
     return {
-        'ct_sha256': manifest.get('ct_sha256'),
-        'ct_path': Path(str(manifest.get('ct_path', ''))).name,
+        'ct_sha256': source.info['ct_sha256'],
+        'ct_path': source.info['ct_path'],
         'image_size': [size, size],
         'intrinsics': {'convention': 'xray_ct_reg.geometry module docstring (pinhole K in px, '
                                      'fx = fy = sdd / pixel spacing, pixel centres at integers)',
                        'K': K.tolist(), 'sdd_mm': intrinsics.sdd_mm,
                        'pixel_spacing_mm': intrinsics.pixel_spacing_mm},
-        'geometry': manifest.get('geometry'),
-        'dataset': {'path': str(Path(config.data).resolve()), 'seed': manifest.get('seed'),
-                    'counts': manifest.get('counts')},
+        'geometry': source.info['geometry'],
+        'dataset': source.info['dataset'],
         'log_sigma_units': 'predict() returns log(sigma in mm)',
         'confident_sigma_mm': metrics['confident_sigma_mm'],
         'training_config': dataclasses.asdict(config),
@@ -304,67 +313,229 @@ def _progress_bar(total, enabled, description):
                 dynamic_ncols=True, leave=False)
 
 
+class ShardSource:
+    """Training batches from a simulated dataset folder, held in memory, augmented in numpy."""
+
+    def __init__(self, config, device):
+        """Load the splits of ``config.data`` and pre-augment the validation batches."""
+        manifest = read_manifest(config.data)
+        self.train_data = load_split(config.data, 'train')
+        val_data = load_split(config.data, 'val', limit=config.max_val_samples)
+        if config.size:
+            self.train_data = resample_split(self.train_data, config.size)
+            val_data = resample_split(val_data, config.size)
+        self.size = int(self.train_data['line_integral'].shape[1])
+        self.config, self.device = config, device
+        self.augmenter = Augmenter(config)
+        self.K = self.train_data['K'][0]
+        self.bone_centroid, self.bone_radius = manifest['bone_centroid'], manifest['bone_radius']
+        self.info = {'ct_sha256': manifest.get('ct_sha256'),
+                     'ct_path': Path(str(manifest.get('ct_path', ''))).name,
+                     'sdd_mm': float((manifest.get('geometry') or {}).get(
+                         'sdd_mm', geometry.CIOS_FUSION_SDD_MM)),
+                     'geometry': manifest.get('geometry'),
+                     'dataset': {'path': str(Path(config.data).resolve()),
+                                 'seed': manifest.get('seed'), 'counts': manifest.get('counts')}}
+        val_rng = np.random.default_rng(config.seed + 1_000_003)
+        count = len(val_data['K'])
+        self.val_batches = [self._to_device(make_batch(
+            val_data, range(start, min(start + config.batch_size, count)), self.augmenter,
+            val_rng, train=False)) for start in range(0, count, config.batch_size)]
+
+    def _to_device(self, batch):
+        return tuple(part.to(self.device) for part in batch)
+
+    def epoch(self, rng):
+        """The batches of one pass over the training split, in a random order."""
+        count = len(self.train_data['K'])
+        order = rng.permutation(count)
+        for first in range(0, max(count // self.config.batch_size, 1) * self.config.batch_size,
+                           self.config.batch_size):
+            yield self._to_device(make_batch(
+                self.train_data, order[first:first + self.config.batch_size], self.augmenter,
+                rng))
+
+    def state(self):
+        """Nothing to keep: the data are on disk."""
+        return {}
+
+    def restore(self, state):
+        """Nothing to restore."""
+
+
+class OnlineSource:
+    """Fresh views every step: ``online_sim`` renders them and ``appearance`` draws the X-ray."""
+
+    def __init__(self, config, device):
+        """Load the patient file and render the fixed validation views."""
+        from xray_ct_reg.appearance import RandomAppearance
+        from xray_ct_reg.online_sim import OnlineSimulator
+        from xray_ct_reg.patient_file import read_patient_file
+
+        volumes = read_patient_file(config.patient)
+        self.size = int(config.size or 128)
+        self.config, self.device = config, device
+        self.simulator = OnlineSimulator(volumes, self.size, device, surface_step_mm=1.5,
+                                         rays_per_chunk=(
+            2 ** 27 if device.type == 'cuda' else 2 ** 22))
+        self.appearance = RandomAppearance(volumes, device)
+        self.K = geometry.default_intrinsics(self.size).K
+        self.bone_centroid, self.bone_radius = volumes.bone_centroid, volumes.bone_radius
+        self.info = {'ct_sha256': volumes.ct_sha256, 'ct_path': Path(config.patient).name,
+                     'sdd_mm': geometry.CIOS_FUSION_SDD_MM,
+                     'geometry': {'sdd_mm': geometry.CIOS_FUSION_SDD_MM,
+                                  'detector': 'Siemens Cios Fusion (resampled)'},
+                     'dataset': {'online': Path(config.patient).name, 'seed': config.seed}}
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator(device).manual_seed(config.seed)
+        val_rng = np.random.default_rng(config.seed + 1_000_003)
+        val_generator = torch.Generator(device).manual_seed(config.seed + 1_000_003)
+        count = config.max_val_samples
+        self.val_batches = [self._batch(min(config.batch_size, count - first), val_rng,
+                                        val_generator)
+                            for first in range(0, count, config.batch_size)]
+
+    def _batch(self, count, rng, generator):
+        """Render ``count`` random views; return (image, entry, exit, bone) tensors."""
+        config = self.config
+        poses, intrinsics, _ = self.simulator.draw_views(rng, count,
+                                                         local_fraction=config.local_fraction)
+        extension = rng.uniform(0.0, config.extension_mm, count) * (
+            rng.random(count) < config.extension_probability)
+        with torch.no_grad():
+            rendered = self.simulator.render(poses, intrinsics, extension)
+            image, bone = self.appearance(rendered, generator)
+        return image, rendered['entry'], rendered['exit'], bone
+
+    def epoch(self, rng):
+        """``epoch_views`` fresh views in batches (``rng`` is unused: the source has its own)."""
+        for _ in range(max(self.config.epoch_views // self.config.batch_size, 1)):
+            yield self._batch(self.config.batch_size, self.rng, self.generator)
+
+    def state(self):
+        """Random states, so that a resumed run continues the same stream of views."""
+        return {'rng': self.rng.bit_generator.state,
+                'generator': self.generator.get_state()}
+
+    def restore(self, state):
+        """Continue the stream of views of a saved :meth:`state`."""
+        self.rng.bit_generator.state = state['rng']
+        self.generator.set_state(state['generator'])
+
+
+def training_device(name):
+    """``torch.device`` for ``--device auto|cpu|cuda`` (auto: CUDA when available)."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda, but torch sees no CUDA device')
+    if name not in ('cpu', 'cuda'):
+        raise ValueError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def state_path(checkpoint_path):
+    """Where the resumable training state of a checkpoint is written."""
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path.with_name(checkpoint_path.stem + STATE_SUFFIX)
+
+
+def _save_state(path, network, optimizer, progress, source, rng):
+    """Write the full-precision weights, optimiser, schedule and random states atomically."""
+    payload = {'format': STATE_FORMAT, 'network': network.state_dict(),
+               'architecture': {'base_width': network.base_width, 'depth': network.depth},
+               'optimizer': optimizer.state_dict(), 'progress': progress,
+               'source': source.state(), 'rng': rng.bit_generator.state}
+    temporary = path.with_name(path.name + '.partial')
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def _start(config, source, device):
+    """Network, optimiser and progress: fresh, from a checkpoint, or from a training state."""
+    progress = {'step': 0, 'train_s': 0.0, 'history': [], 'best_loss': math.inf,
+                'first_epoch': 0}
+    rng = np.random.default_rng(config.seed)
+    state = None
+    if config.resume:
+        try:
+            payload = torch.load(config.resume, weights_only=True, map_location='cpu')
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any unreadable file is a bad --resume
+            raise ValueError(f'cannot read --resume {config.resume}: {error}') from None
+        state = payload if isinstance(payload, dict) and payload.get(
+            'format') == STATE_FORMAT else None
+    if state is not None:
+        network = scr.SCRNet(1, state['architecture']['base_width'],
+                             state['architecture']['depth'])
+        network.load_state_dict(state['network'])
+        progress = state['progress']
+        source.restore(state['source'])
+        rng.bit_generator.state = state['rng']
+    elif config.resume:
+        network, resumed = scr.load_checkpoint(config.resume,
+                                               expected_ct_sha256=source.info['ct_sha256'])
+        progress['history'] = resumed.get('history', [])
+        progress['first_epoch'] = len(progress['history'])  # a new schedule starts here
+    else:
+        network = scr.SCRNet(1, config.width, config.depth)
+    network.set_normalisation(source.bone_centroid, source.bone_radius)
+    network.to(device).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state['optimizer'])
+    return network, optimizer, progress, rng
+
+
 def train(config):
     """Train an SCR network as ``config`` says; write the best checkpoint; return its metrics.
 
-    Next to ``config.out`` it also writes ``training_curves.png`` and ``training_log.json``. The
+    Data come from a dataset folder (``config.data``) or, online, from a patient file
+    (``config.patient``). Next to ``config.out`` it also writes ``training_curves.png``,
+    ``training_log.json`` and the resumable state (``<name>.state.pt``: full-precision weights,
+    optimiser, schedule position and random states; ``--resume`` it to continue). The schedule
+    runs over ``epochs`` or ``max_minutes`` of training time, whichever ends first, counted
+    across runs resumed from a state (resumed from a checkpoint's weights alone, a new schedule
+    starts); ``stop_after_minutes`` ends this run early without changing it. The
     returned dict holds the best validation metrics plus ``epochs``, ``wall_s``,
-    ``samples_per_s`` and ``checkpoint``.
+    ``samples_per_s``, ``device`` and ``checkpoint``.
     """
     started = time.monotonic()
+    device = training_device(config.device)
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed input size: pick fast kernels
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    manifest = read_manifest(config.data)
-    train_data = load_split(config.data, 'train')
-    val_data = load_split(config.data, 'val', limit=config.max_val_samples)
-    if config.size:
-        train_data = resample_split(train_data, config.size)
-        val_data = resample_split(val_data, config.size)
-    size = int(train_data['line_integral'].shape[1])
-
-    if config.resume:
-        network, resumed = scr.load_checkpoint(config.resume,
-                                               expected_ct_sha256=manifest.get('ct_sha256'))
-        network.train()
-        history_epochs = resumed.get('history', [])
-    else:
-        network = scr.SCRNet(1, config.width, config.depth)
-        history_epochs = []
-    network.set_normalisation(manifest['bone_centroid'], manifest['bone_radius'])
-    augmenter = Augmenter(config)
-    val_rng = np.random.default_rng(config.seed + 1_000_003)
-    val_batches = [make_batch(val_data, range(start, min(start + config.batch_size,
-                                                         len(val_data['K']))),
-                              augmenter, val_rng, train=False)
-                   for start in range(0, len(val_data['K']), config.batch_size)]
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    count = len(train_data['K'])
-    steps_per_epoch = max(count // config.batch_size, 1)
+    source = (OnlineSource if config.patient else ShardSource)(config, device)
+    network, optimizer, progress, rng = _start(config, source, device)
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda'
+                else contextlib.nullcontext())
+    steps_per_epoch = (max(config.epoch_views // config.batch_size, 1) if config.patient else
+                       max(len(source.train_data['K']) // config.batch_size, 1))
     total_steps = steps_per_epoch * config.epochs
     budget_s = config.max_minutes * 60.0 if config.max_minutes else None
-    history = {'epochs': list(history_epochs), 'K': train_data['K'][0].tolist()}
+    history = {'epochs': progress['history'], 'K': np.asarray(source.K).tolist()}
     out = Path(config.out)
-    best_loss, best_metrics, stale, step = math.inf, None, 0, 0
-    first_epoch = len(history['epochs'])
-    samples_seen, train_time = 0, 0.0
-    for epoch in range(first_epoch, first_epoch + config.epochs):
+    stale, samples_seen, run_train_s = 0, 0, 0.0
+    best_metrics = None
+    while len(history['epochs']) - progress['first_epoch'] < config.epochs:
+        epoch = len(history['epochs'])
         network.train()
-        order = rng.permutation(count)
         bar = _progress_bar(steps_per_epoch * config.batch_size, config.progress,
                             f'epoch {epoch + 1}')
         epoch_losses, epoch_start = [], time.monotonic()
-        for batch_index in range(steps_per_epoch):
-            elapsed = time.monotonic() - started
-            progress = max(step / total_steps, elapsed / budget_s if budget_s else 0.0)
-            if progress >= 1.0:
+        schedule_done = False
+        for batch_index, (image, entry, exit_, bone) in enumerate(source.epoch(rng)):
+            elapsed = progress['train_s'] + time.monotonic() - epoch_start
+            fraction = max(progress['step'] / total_steps, elapsed / budget_s if budget_s else 0.0)
+            if fraction >= 1.0:
+                schedule_done = True
                 break
             for group in optimizer.param_groups:
-                group['lr'] = learning_rate(config, progress)
-            indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
-            image, entry, exit_, bone = make_batch(train_data, indices, augmenter, rng)
-            output = network(image)
+                group['lr'] = learning_rate(config, fraction)
+            with autocast:
+                output = network(image)
             loss, _ = scr.scr_loss(output, network.normalise_coordinates(entry),
                                    network.normalise_coordinates(exit_), bone,
                                    config.background_weight)
@@ -372,48 +543,55 @@ def train(config):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
             optimizer.step()
-            step += 1
-            epoch_losses.append(float(loss.detach()))
-            samples_seen += len(indices)
-            bar.update(len(indices))
-            if batch_index % 10 == 0:
+            progress['step'] += 1
+            epoch_losses.append(loss.detach())
+            samples_seen += len(image)
+            bar.update(len(image))
+            if config.progress and batch_index % 10 == 0:
                 with torch.no_grad():
-                    delta = network.denormalise(output.detach())['entry_mm'] - entry
+                    delta = network.denormalise(output.detach().float())['entry_mm'] - entry
                     error = torch.linalg.norm(delta, dim=-1)[bone]
                 rate = bar.n / max(time.monotonic() - epoch_start, 1e-9)
-                bar.set_postfix(loss=f'{np.mean(epoch_losses[-10:]):.3f}',
+                bar.set_postfix(loss=f'{float(torch.stack(epoch_losses[-10:]).mean()):.3f}',
                                 err_mm=f'{float(error.median()) if error.numel() else 0:.1f}',
                                 samples_s=f'{rate:.1f}')
         bar.close()
-        train_time += time.monotonic() - epoch_start
+        epoch_s = time.monotonic() - epoch_start
+        progress['train_s'] += epoch_s
+        run_train_s += epoch_s
         if not epoch_losses:
             break
-        metrics = validate(network, val_batches, config)
-        history['epochs'].append({'epoch': epoch + 1, 'train_loss': float(np.mean(epoch_losses)),
-                                  'val': metrics, 'lr': optimizer.param_groups[0]['lr'],
-                                  'elapsed_s': round(time.monotonic() - started, 1)})
-        if config.progress:
-            print(f"epoch {epoch + 1}: train loss {np.mean(epoch_losses):.3f}, val loss "
-                  f"{metrics['loss']:.3f}, median error {metrics['median_error_mm']:.2f} mm, "
-                  f"confident {metrics['median_error_confident_mm']:.2f} mm on "
-                  f"{100 * metrics['fraction_confident']:.0f}% of bone pixels", flush=True)
-        if metrics['loss'] < best_loss:
-            best_loss, best_metrics, stale = metrics['loss'], metrics, 0
-            metadata = _checkpoint_metadata(config, manifest, size, metrics, history,
-                                            time.monotonic() - started)
+        metrics = validate(network, source.val_batches, config)
+        train_loss = float(torch.stack(epoch_losses).mean())
+        history['epochs'].append({'epoch': epoch + 1, 'train_loss': train_loss, 'val': metrics,
+                                  'lr': optimizer.param_groups[0]['lr'],
+                                  'step': progress['step'],
+                                  'train_s': round(progress['train_s'], 1)})
+        print(f"epoch {epoch + 1}: train loss {train_loss:.3f}, val loss "
+              f"{metrics['loss']:.3f}, median error {metrics['median_error_mm']:.2f} mm, "
+              f"confident {metrics['median_error_confident_mm']:.2f} mm on "
+              f"{100 * metrics['fraction_confident']:.0f}% of bone pixels "
+              f"({progress['train_s'] / 60:.1f} min)", flush=True)
+        if metrics['loss'] < progress['best_loss']:
+            progress['best_loss'], best_metrics, stale = metrics['loss'], metrics, 0
+            metadata = _checkpoint_metadata(config, source, metrics, history,
+                                            progress['train_s'])
             metadata['history'] = history['epochs']
             scr.save_checkpoint(out, network, metadata)
         else:
             stale += 1
+        _save_state(state_path(out), network, optimizer, progress, source, rng)
         _write_curves(out.with_name(CURVES_NAME), history)
         out.with_name(LOG_NAME).write_text(json.dumps(history, indent=1, default=float))
-        if stale >= config.patience:
+        stop_run = (config.stop_after_minutes is not None
+                    and time.monotonic() - started >= config.stop_after_minutes * 60.0)
+        if schedule_done or stale >= config.patience or stop_run:
             break
     wall_s = time.monotonic() - started
     result = dict(best_metrics or {})
     result.update({'epochs': len(history['epochs']), 'wall_s': round(wall_s, 1),
-                   'samples_per_s': round(samples_seen / max(train_time, 1e-9), 2),
-                   'checkpoint': str(out)})
+                   'samples_per_s': round(samples_seen / max(run_train_s, 1e-9), 2),
+                   'device': str(device), 'checkpoint': str(out)})
     return result
 
 
@@ -429,49 +607,90 @@ def _add_common_training_arguments(parser, epochs, max_minutes=None):
                         help='channels of the first U-Net level')
     parser.add_argument('--depth', type=int, default=defaults.depth, help='U-Net levels')
     parser.add_argument('--train-size', type=int, default=defaults.size,
-                        help='network image size (px); default: the dataset size')
+                        help='network image size (px); default: the dataset size (128 online)')
     parser.add_argument('--max-minutes', type=float, default=max_minutes,
-                        help='stop training after this many minutes (the LR schedule adapts)')
+                        help='the learning-rate schedule ends after this much training time, '
+                             'counted across resumed runs')
+    parser.add_argument('--stop-after-minutes', type=float, default=None,
+                        help='end this run after this many minutes (resume it later); the '
+                             'schedule is not shortened')
     parser.add_argument('--patience', type=int, default=defaults.patience,
                         help='early stopping: epochs without validation improvement')
+    parser.add_argument('--device', default=defaults.device, choices=('auto', 'cpu', 'cuda'),
+                        help='training device (auto: CUDA when available; bf16 autocast there)')
+    parser.add_argument('--threads', type=int, default=defaults.threads,
+                        help='CPU threads of torch')
     parser.add_argument('--quiet', action='store_true', help='no progress display')
 
 
-def _config_from_args(args, data, out, resume=None):
+def _config_from_args(args, data, out, resume=None, patient=None):
     """A TrainConfig from parsed CLI arguments."""
     return TrainConfig(data=str(data), out=str(out), epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        size=args.train_size, width=args.width, depth=args.depth,
                        max_minutes=args.max_minutes, patience=args.patience, resume=resume,
+                       stop_after_minutes=args.stop_after_minutes, device=args.device,
+                       threads=args.threads, patient=patient,
+                       epoch_views=getattr(args, 'epoch_views', TrainConfig.epoch_views),
                        progress=not args.quiet)
 
 
 def _print_result(result):
     """One-paragraph summary of a training run."""
     print(f"best checkpoint {result['checkpoint']} after {result['epochs']} epochs, "
-          f"{result['wall_s'] / 60:.1f} min ({result['samples_per_s']} samples/s): validation "
-          f"median error {result.get('median_error_mm', float('nan')):.2f} mm, confident "
-          f"{result.get('median_error_confident_mm', float('nan')):.2f} mm on "
+          f"{result['wall_s'] / 60:.1f} min on {result['device']} ({result['samples_per_s']} "
+          f"samples/s): validation median error {result.get('median_error_mm', float('nan')):.2f}"
+          f" mm, confident {result.get('median_error_confident_mm', float('nan')):.2f} mm on "
           f"{100 * result.get('fraction_confident', 0.0):.0f}% of bone pixels")
 
 
 def add_train_arguments(parser):
     """Arguments of ``xray-ct-reg train``."""
-    parser.add_argument('--data', required=True, help='dataset folder (manifest.json + shards)')
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument('--data', help='dataset folder (manifest.json + shards)')
+    data.add_argument('--patient', help='patient file (xray-ct-reg export-patient): simulate '
+                                        'fresh views online, on the training device')
     parser.add_argument('--out', required=True, help='checkpoint file to write (best model)')
     parser.add_argument('--resume', default=None,
-                        help='start from this checkpoint (same CT); optimizer state restarts')
+                        help='continue from a training state (<name>.state.pt: weights, '
+                             'optimiser, schedule) or start from a checkpoint\'s weights')
+    parser.add_argument('--epoch-views', type=int, default=TrainConfig.epoch_views,
+                        help='online: views per epoch (validation and checkpoint cadence)')
     _add_common_training_arguments(parser, TrainConfig.epochs)
 
 
 def run_train(args):
     """Run ``xray-ct-reg train``; return the exit status."""
     try:
-        result = train(_config_from_args(args, args.data, args.out, args.resume))
+        result = train(_config_from_args(args, args.data or '', args.out, args.resume,
+                                         args.patient))
     except (FileNotFoundError, ValueError) as error:
         print(f'train: {error}')
         return 1
     _print_result(result)
+    return 0
+
+
+def add_export_patient_arguments(parser):
+    """Arguments of ``xray-ct-reg export-patient``."""
+    parser.add_argument('--ct', required=True, help="CT file or DICOM folder, or 'example'")
+    parser.add_argument('--labels', default=None, help='label map aligned with the CT')
+    parser.add_argument('--label-ids', type=int, nargs='+', default=None,
+                        help='label ids of the bones (default: all labels / threshold)')
+    parser.add_argument('--out', required=True, help='patient file to write (.npz)')
+
+
+def run_export_patient(args):
+    """Write the patient file that online training (``train --patient``) reads."""
+    from xray_ct_reg import ct, patient_file
+
+    try:
+        patient = ct.load_patient(args.ct, args.labels, args.label_ids)
+        size = patient_file.write_patient_file(patient, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f'export-patient: {error}')
+        return 1
+    print(f'wrote {args.out} ({size / 1e6:.1f} MB) for CT {patient.ct_sha256[:12]}')
     return 0
 
 

@@ -22,6 +22,7 @@ MATERIALS = {                                  # name -> (xraydb formula or name
     'water': ('water', 1.0),
     'bone_mineral': (HYDROXYAPATITE, HA_DENSITY),
     'aluminium': ('aluminum', 2.699),
+    'copper': ('Cu', 8.96),
     'titanium': ('titanium', 4.506),
     'steel': ('Fe0.70Cr0.19Ni0.11', 7.9),
     'iodine': ('I', 4.93),
