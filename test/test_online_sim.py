@@ -9,8 +9,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from xray_ct_reg import (appearance, ct, example_data, geometry, online_sim, patient_file,
-                         simulate, xray_physics)
+from xray_ct_reg import (
+    appearance,
+    ct,
+    example_data,
+    geometry,
+    online_sim,
+    patient_file,
+    simulate,
+    xray_physics,
+)
 from xray_ct_reg import train as training
 
 REPO = Path(__file__).resolve().parent.parent
