@@ -116,14 +116,17 @@ def test_gates_reject_a_view_far_from_ap():
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
     config = RegistrationConfig()
-    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.002)
+    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.03)
 
     def judge(pose=truth, **change):
         return intensity_gates(pose, replace(good, **change), intrinsics, centre, config)
 
     assert judge() == (True, '')
-    for change, fragment in [({'ncc_after': 0.9}, 'NCC 0.900'), ({'ncc_after': np.nan}, 'NCC'),
+    for change, fragment in [({'ncc_after': 0.4}, 'gradient_ncc 0.400'),
+                             ({'ncc_after': np.nan}, 'disagree'),
                              ({'depth_margin': -0.001}, 'depth'),
+                             ({'sharpness': 0.01}, 'no sharp optimum'),
+                             ({'sharpness': np.nan}, 'no sharp optimum'),
                              ({'exposed_fraction': 0.05}, 'anatomy'),
                              ({'finished': False}, 'did not finish')]:
         accepted, why = judge(**change)
@@ -281,7 +284,7 @@ def registrar(patient):
 
 @pytest.fixture(scope='module')
 def refining_registrar(registrar, patient):
-    """The committed model with intensity refinement and its NCC gate (default thresholds).
+    """The committed model with intensity refinement and its gates (default thresholds).
 
     The budget is generous: these tests judge accuracy, and the refinement's fixed schedule
     gives the same pose however long a loaded machine takes.
@@ -364,11 +367,29 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
         if result.accepted:
             bound = REFINED_BOUND_MM if kind == 'full' else REFINED_CROP_BOUND_MM
             assert error < bound, (kind, error, result.refinement)
-            assert result.refinement.ncc_after >= 0.96
+            assert result.refinement.sharpness >= refining_registrar.config.min_sharpness
             crops_accepted += kind == 'crop'
         else:
             assert result.reason
     assert crops_accepted >= 1, 'no local crop registered'
+
+
+def test_tracking_from_a_prior_pose_and_falling_back_to_scr(refining_registrar, simulator,
+                                                             patient):
+    """A close prior pose is tracked (short schedule); a wrong one falls back to SCR + PnP."""
+    _, image, intrinsics, truth = next(_fresh_views(simulator, 128, 'bright_bone'))
+    close = geometry.compose(geometry.pose_from_rotvec(np.radians([0.5, -0.5, 0.5]),
+                                                       [3.0, -2.0, 3.0]), truth)
+    tracked = refining_registrar.register(image, intrinsics, prior_pose=close)
+    assert tracked.accepted and tracked.tracked, tracked.reason
+    assert geometry.mtre(tracked.pose, truth, patient.targets) < REFINED_BOUND_MM
+    full = refining_registrar.register(image, intrinsics)
+    assert not full.tracked
+    assert tracked.refinement.renders < full.refinement.renders
+    far = geometry.compose(geometry.make_pose(np.eye(3), [0.0, 90.0, 0.0]), truth)
+    fallback = refining_registrar.register(image, intrinsics, prior_pose=far)
+    assert not fallback.tracked and 'tracking' in fallback.timings_ms
+    np.testing.assert_array_equal(fallback.pose, full.pose)  # the same full path as without
 
 
 def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, patient,
@@ -393,7 +414,7 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout)
-    assert result['accepted'] and result['refinement']['ncc_after'] >= 0.96
+    assert result['accepted'] and result['refinement']['sharpness'] >= 0.02
     assert geometry.mtre(np.array(result['pose']), truth, patient.targets) < REFINED_BOUND_MM
     assert cv2.imread(str(overlay)).shape[:2] == image.shape
     missing = subprocess.run(command[:4] + [str(tmp_path / 'none.png')] + command[5:],

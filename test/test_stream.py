@@ -195,3 +195,21 @@ def test_incompatible_publishers_are_warned_about(clock):
     warning = core.warning(publishers=1)
     assert 'incompatible with image_qos=reliable' in warning and 'RELIABILITY' in warning
     assert core.stats()['incompatible_publishers'] == 1
+
+
+def test_tracking_prior_is_the_last_accepted_pose_while_fresh(clock):
+    core = make_core(clock, tracking_max_age_s=2.0)
+    first, _ = core.offer_image('a', 10 * SECOND, KEY)
+    assert core.prior_pose(first) is None  # nothing accepted yet
+    core.remember_pose(first, 'pose a')
+    fresh, _ = core.offer_image('b', 11 * SECOND, KEY)
+    assert core.prior_pose(fresh) == 'pose a'
+    other, _ = core.offer_image('c', 11 * SECOND + 1, ('other_imager', 'ct'))
+    assert core.prior_pose(other) is None  # another frame pair
+    stale, _ = core.offer_image('d', 13 * SECOND, KEY)
+    assert core.prior_pose(stale) is None  # 3 s after the accepted one
+    core.config = NodeConfig(tracking=False)
+    assert core.prior_pose(fresh) is None
+    core.config = NodeConfig()
+    core.reset()
+    assert core.prior_pose(fresh) is None  # a new activation forgets

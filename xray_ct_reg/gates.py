@@ -95,8 +95,11 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
 
     ``refine_info`` is the ``refine.RefineInfo`` of the refinement. Checks that it finished its
     fixed schedule within the time budget (a truncated one is never used), the exposed fraction
-    of the image, the NCC at the refined pose, that the NCC peaks there along the beam (the weak
-    direction of one view: a pose still climbing in depth is unconverged), then ``pose_gates``.
+    of the image, a floor on the similarity at the refined pose, that the similarity peaks there
+    along the beam (the weak direction of one view: a pose still climbing in depth is
+    unconverged) and that the optimum is sharp: higher than every probe around it by
+    ``min_sharpness`` (relative evidence, which transfers across appearance where the
+    similarity's level does not), then ``pose_gates``.
     """
     if not refine_info.finished:
         return False, (f'intensity refinement did not finish within its time budget '
@@ -106,9 +109,12 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
         return False, (f'too little anatomy visible for the intensity check ({exposed:.2f} of the '
                        f'image < {config.min_exposed_fraction:.2f})')
     if not refine_info.ncc_after >= config.min_ncc:
-        return False, (f'X-ray and DRR disagree: NCC {refine_info.ncc_after:.3f} < '
-                       f'{config.min_ncc:.3f}')
+        return False, (f'X-ray and DRR disagree: {config.similarity} '
+                       f'{refine_info.ncc_after:.3f} < {config.min_ncc:.3f}')
     if not refine_info.depth_margin > 0.0:
-        return False, ('depth along the beam not converged: the NCC still rises '
+        return False, ('depth along the beam not converged: the similarity still rises '
                        f'{refine.DEPTH_PROBE_MM:.0f} mm towards or away from the source')
+    if not refine_info.sharpness >= config.min_sharpness:
+        return False, (f'no sharp optimum: a probe around the pose scores within '
+                       f'{refine_info.sharpness:.3f} < {config.min_sharpness:.3f} of it')
     return pose_gates(pose, intrinsics, bone_centroid, config)

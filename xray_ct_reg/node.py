@@ -300,7 +300,8 @@ class RegistrationNode(LifecycleNode):
         intrinsics = self._intrinsics(frame, image.shape[1], image.shape[0])
         if intrinsics is None:
             return
-        result = self._registrar.register(image, intrinsics)
+        result = self._registrar.register(image, intrinsics,
+                                          prior_pose=self._core.prior_pose(frame))
         if not result.accepted:
             self._report(frame, 'rejected', result.reason or 'rejected by the quality gates',
                          result)
@@ -310,6 +311,7 @@ class RegistrationNode(LifecycleNode):
             self._report(frame, 'error', f'bad stamp: {refusal}', result)
             return
         self._publish(msg, image, intrinsics, result)
+        self._core.remember_pose(frame, result.pose)
         stamp_to_tf_ms = (self.get_clock().now().nanoseconds - frame.stamp_ns) * 1e-6
         self._report(frame, 'accepted', '', result, stamp_to_tf_ms)
 

@@ -1,24 +1,28 @@
 """Intensity-based refinement of a pose against a DRR of the CT.
 
-Maximises the normalised cross-correlation (NCC) between the X-ray and a DRR rendered with
-``drr.DRRProjector.render_torch`` over a 6-dof perturbation of the pose, coarse to fine at low
-resolution (Adam, torch autograd). The perturbation rotates about a centre point (the bone
-centroid when given) so that rotation and translation are decoupled:
-``p' = exp([dr]) (p - c) + c + dt`` in the imager frame, with ``dr`` scaled by ``RADIUS_MM`` so
-one unit of either parameter moves the bone by about a millimetre.
+Maximises a similarity (``SIMILARITIES``: gradient correlation by default, or NCC of the
+intensities) between the X-ray and a DRR rendered with ``drr.DRRProjector`` over a 6-dof
+perturbation of the pose, coarse to fine, by Levenberg-Marquardt. Both similarities are a mean
+of dot products of unit feature vectors (``FEATURES``), so maximising one is least squares on
+the feature residual (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the
+6 parameters comes from forward differences (6 extra renders, no autograd). The perturbation
+rotates about a centre point (the bone centroid when given) so that rotation and translation are
+decoupled: ``p' = exp([dr]) (p - c) + c + dt`` in the imager frame, with ``dr`` scaled by
+``RADIUS_MM`` so one unit of either parameter moves the bone by about a millimetre. Each level
+renders from its own volume (coarser voxels at the coarser level, resampled once per CT).
 
-The schedule of steps is fixed (no wall-clock stopping), so a result never depends on the
-machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
+The schedule is fixed (iteration counts, not wall-clock stopping), so a result never depends on
+the machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
 and the registrar rejects the frame.
 
 Only exposed pixels count (``exposed_mask``): collimator shutters and detector saturation give
-flat regions at an end of the grey range that carry no anatomy and would pull the NCC down.
+flat regions at an end of the grey range that carry no anatomy.
 
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
-signs climb briefly at the coarsest level and the better one goes on (the sign of the NCC at a
-start far from the truth is unreliable). The refined pose replaces the start only when the NCC
-at the finest level improved. The final NCC and the depth check are what the registrar's
-intensity gates (``gates.intensity_gates``) judge.
+signs take a few iterations at the coarsest level and the better one goes on. After the levels a
+line search along the beam (the weak direction of one view) and a polish; then probes a few mm
+and degrees away in every direction measure how sharp the optimum is (``RefineInfo.sharpness``):
+relative evidence that transfers across appearance, where the similarity's level does not.
 """
 from dataclasses import dataclass, replace
 import time
@@ -27,22 +31,32 @@ import cv2
 import numpy as np
 import torch
 
-from xray_ct_reg import geometry, model
+from xray_ct_reg import drr, geometry, model
 
 NAN = float('nan')
 # Lever arm (mm) that turns rotation parameters into millimetre-like units.
 RADIUS_MM = 100.0
-# Adam step (mm-like units) per level, coarse to fine.
-LEARNING_RATES = (2.0, 0.5)
+# Levenberg-Marquardt: forward-difference step per parameter (mm-like units), start damping,
+# the largest step (mm-like units) and the damping tries per iteration.
+JACOBIAN_STEP = 0.5
+LM_DAMPING = 1e-3
+LM_MAX_STEP = 20.0
+LM_TRIES = 3
 # Along the beam is the weakest direction of a single view. After the levels, the pose is
-# searched at these offsets (mm) along the beam and polished with POLISH_STEPS at the finest
-# level; the result is then compared with itself shifted DEPTH_PROBE_MM towards and away from
-# the source (the gate's convergence check).
-DEPTH_SEARCH_MM = (-24.0, -16.0, -8.0, 0.0, 8.0, 16.0, 24.0)
-POLISH_STEPS = 10
+# searched at these offsets (mm) along the beam and polished with POLISH_ITERATIONS at the finest
+# level.
+DEPTH_SEARCH_MM = (-24.0, -12.0, 0.0, 12.0, 24.0)
+POLISH_ITERATIONS = 2
+# LM iterations both image polarities take at the coarsest level before the better one goes on.
+POLARITY_TRIAL_ITERATIONS = 2
+# Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``).
+TRACKING_ITERATIONS = (2, 2)
+# Probes of the optimum's sharpness: (parameter index, offset) in mm-like units; depth (z) is
+# probed farther, being the weak direction.
 DEPTH_PROBE_MM = 10.0
-# Adam steps both image polarities take at the coarsest level before the better one goes on.
-POLARITY_TRIAL_STEPS = 15
+SHARPNESS_PROBES = tuple((axis, sign * size) for axis, size in
+                         ((0, 4.0), (1, 4.0), (2, DEPTH_PROBE_MM), (3, 5.0), (4, 5.0), (5, 5.0))
+                         for sign in (-1.0, 1.0))
 # exposed_mask: window (px), largest local std of a flat region and how close to either end of
 # the (robust) grey range its level must be, as fractions of that range.
 FLAT_WINDOW_PX = 5
@@ -54,45 +68,63 @@ FLAT_EXTREME = 0.15
 class RefineInfo:
     """What a refinement did; ``gates.intensity_gates`` judges it.
 
-    NCC values are at the finest level over its exposed pixels (NaN when not computed).
+    Similarity values (fields ``ncc_*``: of the chosen ``similarity``, NCC or gradient
+    correlation) are at the finest level over its exposed pixels (NaN when not computed).
     """
 
     exposed_fraction: float           # fraction of the finest level that shows anatomy
-    ncc_before: float = NAN           # NCC of the start pose (with the chosen polarity)
-    ncc_after: float = NAN            # NCC of the returned pose
-    depth_margin: float = NAN         # ncc_after minus the best NCC DEPTH_PROBE_MM along the beam
+    ncc_before: float = NAN           # similarity at the start pose (with the chosen polarity)
+    ncc_after: float = NAN            # similarity at the returned pose
+    depth_margin: float = NAN         # ncc_after minus the best DEPTH_PROBE_MM along the beam
+    sharpness: float = NAN            # ncc_after minus the best of the SHARPNESS_PROBES
     polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
     improved: bool = False            # the returned pose is the refined one (else the start)
     finished: bool = True             # the fixed schedule ran to its end within the budget
-    iterations: int = 0               # Adam steps taken
+    iterations: int = 0               # LM iterations taken
+    renders: int = 0                  # DRRs rendered
     time_s: float = 0.0               # wall-clock time of the refinement
 
 
 def exposed_mask(image):
     """Boolean mask of the pixels that show anatomy (False: collimated or saturated).
 
-    A pixel is excluded when its neighbourhood is flat (local std below ``FLAT_MAX_STD`` of the
-    0.5-99.5 percentile range) at a level near either end of that range; the excluded area is
-    grown by two pixels to cover the blurred shutter edge.
+    A pixel is excluded when its neighbourhood (``FLAT_WINDOW_PX``) is flat (local std below
+    ``FLAT_MAX_STD`` of the 0.5-99.5 percentile range) at a level near either end of that range;
+    so is every whole row or column at the image border that is flat at such a level (a shutter
+    strip thinner than the window). The excluded area is grown by three pixels to cover the
+    blurred shutter edge, and exposed islands smaller than 1 % of the image (slivers between
+    shutters) are dropped.
     """
     x = np.asarray(image, dtype=np.float64)
     low, high = np.percentile(x, [0.5, 99.5])
     x = np.clip((x - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+    def flat_at_extreme(mean, std):
+        return (std < FLAT_MAX_STD) & ((mean < FLAT_EXTREME) | (mean > 1.0 - FLAT_EXTREME))
+
     window = (FLAT_WINDOW_PX, FLAT_WINDOW_PX)
     mean = cv2.blur(x, window)
     std = np.sqrt(np.maximum(cv2.blur(x * x, window) - mean * mean, 0.0))
-    flat = (std < FLAT_MAX_STD) & ((mean < FLAT_EXTREME) | (mean > 1.0 - FLAT_EXTREME))
-    flat = cv2.dilate(flat.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    return ~flat
+    flat = flat_at_extreme(mean, std)
+    for lines in (x, x.T):  # rows, then columns, peeled from both borders while flat
+        flat_lines = flat_at_extreme(lines.mean(axis=1), lines.std(axis=1))
+        target = flat if lines is x else flat.T
+        for order in (range(len(lines)), reversed(range(len(lines)))):
+            for index in order:
+                if not flat_lines[index]:
+                    break
+                target[index] = True
+    flat = cv2.dilate(flat.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((~flat).astype(np.uint8), 4)
+    small = [label for label in range(1, count)
+             if stats[label, cv2.CC_STAT_AREA] < 0.01 * x.size]
+    return ~flat & ~np.isin(labels, small)
 
 
-def ncc(a, b, mask=None):
-    """Normalised cross-correlation (-1..1) of two same-shaped tensors over ``mask`` (bool)."""
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    a = a - a.mean()
-    b = b - b.mean()
-    return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
+def _unit(vector):
+    """``vector`` minus its mean, scaled to unit length."""
+    centred = vector - vector.mean()
+    return centred / torch.sqrt((centred * centred).sum() + 1e-12)
 
 
 def _differences(image):
@@ -102,19 +134,43 @@ def _differences(image):
     return image[:, 1:] - image[:, :-1], image[1:, :] - image[:-1, :]
 
 
-def gradient_ncc(a, b, mask=None):
-    """Gradient correlation: mean NCC of the horizontal and of the vertical differences.
+def intensity_features(image, mask):
+    """NCC's feature: the masked intensities as one unit vector."""
+    return [_unit(image[mask])]
+
+
+def gradient_features(image, mask):
+    """Gradient correlation's features: horizontal and vertical differences, unit vectors.
 
     Insensitive to the low-frequency part of an X-ray's appearance (scatter, soft tissue,
     heel effect, a processing LUT's offset) that NCC of the intensities has to match.
     """
-    masks = _differences(mask) if mask is not None else (None, None)
-    return 0.5 * sum(ncc(da, db, m) for da, db, m in
-                     zip(_differences(a), _differences(b), masks, strict=True))
+    return [_unit(difference[valid]) for difference, valid in
+            zip(_differences(image), _differences(mask), strict=True)]
 
 
-# name -> similarity(rendered DRR, X-ray, exposed mask), 1 = identical up to gain and offset
-SIMILARITIES = {'ncc': ncc, 'gradient_ncc': gradient_ncc}
+# name -> features(image, exposed mask): unit vectors whose mean dot product is the similarity
+# (1 = identical up to gain and offset)
+FEATURES = {'ncc': intensity_features, 'gradient_ncc': gradient_features}
+SIMILARITIES = tuple(FEATURES)
+# Voxel size (mm) of the volume each level renders from, coarse to fine.
+LEVEL_VOXELS_MM = (4.0, 2.0)
+# Gaussian blur (px) of both images before the features, per level: a wider basin at the
+# coarse level (gradients of an unblurred 32 px image capture little more than a pixel).
+LEVEL_BLUR_PX = (1.5, 0.0)
+
+
+def similarity(name, a, b, mask=None):
+    """Similarity ``name`` (FEATURES) of two same-shaped tensors over ``mask`` (bool)."""
+    mask = torch.ones_like(a, dtype=torch.bool) if mask is None else mask
+    features_a, features_b = FEATURES[name](a, mask), FEATURES[name](b, mask)
+    return sum((fa * fb).sum() for fa, fb in zip(features_a, features_b, strict=True)) / len(
+        features_a)
+
+
+def level_projectors(ct, voxels_mm=LEVEL_VOXELS_MM):
+    """One DRR projector per refinement level, each from a volume of its own voxel size."""
+    return [drr.DRRProjector(ct, voxel_mm=voxel) for voxel in voxels_mm]
 
 
 def _perturbed_pose(pose, delta, centre_imager):
@@ -137,54 +193,117 @@ def _level_size(intrinsics, size):
             max(8, int(round(intrinsics.height * scale))))
 
 
-def _level_target(image, mask, intrinsics, size):
-    """The X-ray and its exposed mask at a level whose longer side is ``size`` px.
-
-    Returns (target tensor standardised over the mask, mask tensor, K of the level). A level
-    pixel counts as exposed only when every input pixel under it is.
-    """
-    level_size = _level_size(intrinsics, size)
-    small, small_intrinsics = model.resize_for_network(image, intrinsics, level_size)
-    small_mask, _ = model.resize_for_network(mask.astype(np.float32), intrinsics, level_size)
-    exposed = torch.from_numpy(small_mask > 0.999)
-    target = torch.from_numpy(small.astype(np.float64))
-    values = target[exposed] if exposed.any() else target
-    target = (target - values.mean()) / (values.std() + 1e-12)
-    return target, exposed, small_intrinsics
-
-
-def _similarity(projector, pose, level, polarity, measure=ncc):
-    """Masked ``measure`` (times ``polarity``) of the DRR at ``pose`` with a level's target."""
-    target, exposed, level_intrinsics = level
-    with torch.no_grad():
-        return float(polarity * measure(projector.render_torch(pose, level_intrinsics).double(),
-                                        target, exposed))
-
-
 class BudgetExceeded(RuntimeError):
     """The refinement's fixed schedule did not finish within its time budget."""
 
 
-def _climb(projector, pose, centre_imager, level, polarity, steps, rate, deadline, measure,
-           delta=None):
-    """Adam ascent of ``measure`` over a perturbation of ``pose``; returns the perturbation.
+@dataclass
+class _Level:
+    """One resolution of the refinement: its projector, intrinsics, mask and target features."""
 
-    Always takes exactly ``steps`` steps (a fixed schedule: the same input gives the same pose
-    under any load); raises BudgetExceeded when the deadline passes first.
+    projector: object
+    intrinsics: geometry.Intrinsics
+    exposed: torch.Tensor
+    blur_px: float
+    target_features: list = None
+
+    def features(self, image, measure):
+        """The level's features of ``image`` (blurred by ``blur_px`` first)."""
+        if self.blur_px > 0:
+            radius = int(np.ceil(3 * self.blur_px))
+            x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+            kernel = torch.exp(-0.5 * (x / self.blur_px) ** 2)
+            kernel = kernel / kernel.sum()
+            padded = torch.nn.functional.pad(image[None, None], (radius,) * 4, mode='replicate')
+            image = torch.nn.functional.conv2d(torch.nn.functional.conv2d(
+                padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
+        return FEATURES[measure](image, self.exposed)
+
+
+def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
+    """The X-ray at a level whose longer side is ``size`` px, as a :class:`_Level`.
+
+    A level pixel counts as exposed only when every input pixel under it is.
     """
-    target, exposed, level_intrinsics = level
-    if delta is None:
-        delta = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=rate)
-    for _ in range(steps):
-        if time.perf_counter() > deadline:
+    level_size = _level_size(intrinsics, size)
+    small, small_intrinsics = model.resize_for_network(image, intrinsics, level_size)
+    small_mask, _ = model.resize_for_network(mask.astype(np.float32), intrinsics, level_size)
+    level = _Level(projector, small_intrinsics, torch.from_numpy(small_mask > 0.999), blur_px)
+    level.target_features = level.features(torch.from_numpy(small.astype(np.float64)), measure)
+    return level
+
+
+class _Objective:
+    """Feature residuals of a level's DRR at perturbations of a pose; counts renders."""
+
+    def __init__(self, level, pose, centre_imager, polarity, measure, clock):
+        self.level, self.pose, self.centre = level, pose, centre_imager
+        self.polarity, self.measure, self.clock = polarity, measure, clock
+
+    def residual(self, delta):
+        """Residual vector: |r|^2 = 2 - 2 * similarity (polarity applied to the DRR)."""
+        self.clock.tick()
+        with torch.no_grad():
+            rendered = self.level.projector.render_torch(
+                _perturbed_pose(self.pose, delta, self.centre), self.level.intrinsics).double()
+        features = self.level.features(self.polarity * rendered, self.measure)
+        scale = 1.0 / np.sqrt(len(features))
+        return torch.cat([(f - t) * scale for f, t in
+                          zip(features, self.level.target_features, strict=True)])
+
+    def similarity(self, delta):
+        """The similarity at ``delta`` (1 - |r|^2 / 2)."""
+        residual = self.residual(delta)
+        return float(1.0 - 0.5 * (residual @ residual))
+
+
+class _Clock:
+    """Counts renders and raises BudgetExceeded after the deadline."""
+
+    def __init__(self, deadline):
+        self.deadline, self.renders, self.iterations = deadline, 0, 0
+
+    def tick(self):
+        if time.perf_counter() > self.deadline:
             raise BudgetExceeded
-        optimiser.zero_grad()
-        rendered = projector.render_torch(_perturbed_pose(pose, delta, centre_imager),
-                                          level_intrinsics).double()
-        (-polarity * measure(rendered, target, exposed)).backward()
-        optimiser.step()
-    return delta
+        self.renders += 1
+
+
+def _levenberg_marquardt(objective, delta, iterations):
+    """``iterations`` LM iterations from ``delta``; returns (delta, cost = |r|^2).
+
+    Forward-difference Jacobian, damping on the diagonal of J^T J, at most ``LM_TRIES`` damped
+    solves per iteration, steps capped at ``LM_MAX_STEP``. It stops early only when no try
+    lowers the cost (the same input always takes the same path).
+    """
+    residual = objective.residual(delta)
+    cost = float(residual @ residual)
+    damping = LM_DAMPING
+    for _ in range(iterations):
+        objective.clock.iterations += 1
+        columns = []
+        for axis in range(6):
+            shifted = delta.clone()
+            shifted[axis] += JACOBIAN_STEP
+            columns.append((objective.residual(shifted) - residual) / JACOBIAN_STEP)
+        jacobian = torch.stack(columns, dim=1)
+        normal = jacobian.T @ jacobian
+        gradient = jacobian.T @ residual
+        for _ in range(LM_TRIES):
+            damped = normal + damping * torch.diag(torch.diagonal(normal)) + 1e-9 * torch.eye(
+                6, dtype=normal.dtype)
+            step = -torch.linalg.solve(damped, gradient)
+            step = step * min(1.0, LM_MAX_STEP / float(step.norm() + 1e-12))
+            trial = objective.residual(delta + step)
+            trial_cost = float(trial @ trial)
+            if trial_cost < cost:
+                delta, residual, cost = delta + step, trial, trial_cost
+                damping = max(damping / 3.0, 1e-7)
+                break
+            damping *= 5.0
+        else:
+            break
+    return delta, cost
 
 
 def _along_beam(pose, centre_imager, offset_mm):
@@ -196,24 +315,23 @@ def _along_beam(pose, centre_imager, offset_mm):
 
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
-                levels=(32, 64), iterations=(60, 30), centre_ct=None, similarity='ncc'):
-    """Refine ``pose`` (T_imager_ct) by masked NCC between ``image`` and DRRs, coarse to fine.
+                levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='gradient_ncc'):
+    """Refine ``pose`` (T_imager_ct) by the similarity of ``image`` and DRRs, coarse to fine.
 
-    ``levels`` are the longer image sides (px) of the levels, ``iterations`` the Adam steps per
-    level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
-    central ray). ``similarity`` names the measure maximised and reported (SIMILARITIES; the
-    ``ncc_*`` fields of the info hold it). Steps: both polarities climb for
-    POLARITY_TRIAL_STEPS at the coarsest level and the better one goes on; after the levels,
-    a line search along the beam (DEPTH_SEARCH_MM, the weak direction of one view) and
-    POLISH_STEPS at the finest level.
-    Returns (pose, ``RefineInfo``).
+    ``projector`` is a ``drr.DRRProjector`` or one per level (``level_projectors``);
+    ``levels`` are the longer image sides (px) of the levels, ``iterations`` the LM iterations
+    per level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
+    central ray). ``similarity`` names the measure maximised and reported (FEATURES; the
+    ``ncc_*`` fields of the info hold it). Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
     it cannot finish within ``time_budget_s`` it stops there and returns the start pose with
     ``finished`` False: a frame to reject, never a truncated optimisation.
     """
     started = time.perf_counter()
-    deadline = started + time_budget_s
+    clock = _Clock(started + time_budget_s)
+    projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
+        levels)
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
     if centre_ct is None:
         centre_imager = torch.tensor([0.0, 0.0, geometry.CIOS_FUSION_SOURCE_TO_ISOCENTER_MM],
@@ -224,60 +342,65 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     finest_image, finest_input = model.resize_for_network(
         image, intrinsics, _level_size(intrinsics, levels[-1]))
     mask = exposed_mask(finest_image)
-    targets = [_level_target(finest_image, mask, finest_input, size) for size in levels]
-    finest = targets[-1]
-    info = RefineInfo(exposed_fraction=float(finest[1].double().mean()))
+    blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
+        (LEVEL_BLUR_PX[0],) * (len(levels) - 1) + (0.0,))
+    targets = [_make_level(level_projector, finest_image, mask, finest_input, size, similarity,
+                           blur)
+               for level_projector, size, blur in zip(projectors, levels, blurs, strict=True)]
+    info = RefineInfo(exposed_fraction=float(targets[-1].exposed.double().mean()))
     refined = pose0
-    if finest[1].sum() >= 16:  # else: nothing to compare, the start pose is returned
+    if targets[-1].exposed.sum() >= 16:  # else: nothing to compare, the start pose is returned
         try:
-            refined, scores = _schedule(projector, pose0, centre_imager, targets, iterations,
-                                        deadline, SIMILARITIES[similarity])
+            refined, scores = _schedule(targets, pose0, centre_imager, iterations, similarity,
+                                        clock)
             info = replace(info, **scores)
         except BudgetExceeded:
             info.finished = False
+    info.iterations, info.renders = clock.iterations, clock.renders
     info.time_s = time.perf_counter() - started
     return refined.numpy(), info
 
 
-def _schedule(projector, pose0, centre_imager, targets, iterations, deadline, measure):
+def _schedule(levels, pose0, centre_imager, iterations, measure, clock):
     """The fixed refinement schedule; returns (refined pose tensor, scores for the info)."""
-    finest = targets[-1]
-
-    def score(pose, level=finest, sign=None):
-        return _similarity(projector, pose, level, polarity if sign is None else sign, measure)
-
-    rates = LEARNING_RATES[-len(targets):]
-    # polarity: both climb a little at the coarsest level; the better one goes on
+    finest = levels[-1]
+    zero = torch.zeros(6, dtype=torch.float64)
     trials = []
-    for sign in (1.0, -1.0):
-        delta = _climb(projector, pose0, centre_imager, targets[0], sign,
-                       POLARITY_TRIAL_STEPS, rates[0], deadline, measure)
-        trials.append((score(_perturbed_pose(pose0, delta.detach(), centre_imager), targets[0],
-                             sign), sign, delta))
-    _, polarity, delta = max(trials, key=lambda trial: trial[0])
+    for sign in (1.0, -1.0):  # polarity: both try at the coarsest level, the better goes on
+        objective = _Objective(levels[0], pose0, centre_imager, sign, measure, clock)
+        delta, cost = _levenberg_marquardt(objective, zero, POLARITY_TRIAL_ITERATIONS)
+        trials.append((cost, -sign, sign, delta))
+    _, _, polarity, delta = min(trials, key=lambda trial: trial[:2])
+
+    def score(pose, centre=centre_imager, offset=zero):
+        return _Objective(finest, pose, centre, polarity, measure, clock).similarity(offset)
+
     ncc_before = score(pose0)
-    for index, (level, count, rate) in enumerate(zip(targets, iterations, rates, strict=True)):
-        remaining = count - (POLARITY_TRIAL_STEPS if index == 0 else 0)
-        delta = _climb(projector, pose0, centre_imager, level, polarity, remaining, rate,
-                       deadline, measure, delta)
-    candidate = _perturbed_pose(pose0, delta.detach(), centre_imager)
+    for index, (level, count) in enumerate(zip(levels, iterations, strict=True)):
+        remaining = count - (POLARITY_TRIAL_ITERATIONS if index == 0 else 0)
+        objective = _Objective(level, pose0, centre_imager, polarity, measure, clock)
+        delta, _ = _levenberg_marquardt(objective, delta, max(remaining, 0))
+    candidate = _perturbed_pose(pose0, delta, centre_imager)
     # depth: line search along the beam, then a polish at the finest level
     beam_centre = candidate[:3, :3] @ (
         torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
-    scores = [(score(_along_beam(candidate, beam_centre, offset)), offset)
-              for offset in DEPTH_SEARCH_MM]
-    ncc_after, best_offset = max(scores)
+    ncc_after, best_offset = max((score(_along_beam(candidate, beam_centre, offset)), offset)
+                                 for offset in DEPTH_SEARCH_MM)
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
-        polish = _climb(projector, candidate, beam_centre, finest, polarity, POLISH_STEPS,
-                        rates[-1], deadline, measure)
-        candidate = _perturbed_pose(candidate, polish.detach(), beam_centre)
-        ncc_after = score(candidate)
+        objective = _Objective(finest, candidate, beam_centre, polarity, measure, clock)
+        polish, cost = _levenberg_marquardt(objective, zero, POLISH_ITERATIONS)
+        candidate = _perturbed_pose(candidate, polish, beam_centre)
+        ncc_after = 1.0 - 0.5 * cost
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
-    probes = [score(_along_beam(refined, beam_centre, offset))
-              for offset in (-DEPTH_PROBE_MM, DEPTH_PROBE_MM)]
-    steps = POLARITY_TRIAL_STEPS + sum(iterations) + (POLISH_STEPS if best_offset else 0)
-    return refined, dict(ncc_before=ncc_before, ncc_after=final, iterations=steps,
-                         depth_margin=final - max(probes), polarity=polarity, improved=improved)
+    probes = {}
+    for axis, offset in SHARPNESS_PROBES:
+        change = zero.clone()
+        change[axis] = offset
+        probes[(axis, offset)] = score(refined, beam_centre, change)
+    depth = max(value for (axis, _), value in probes.items() if axis == 2)
+    return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
+                         sharpness=final - max(probes.values()), polarity=polarity,
+                         improved=improved)

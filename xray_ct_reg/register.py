@@ -25,7 +25,7 @@ import time
 import cv2
 import numpy as np
 
-from xray_ct_reg import drr, geometry, image_io, pnp, refine, settings
+from xray_ct_reg import geometry, image_io, pnp, refine, settings
 from xray_ct_reg import model as scr_model
 from xray_ct_reg.gates import inlier_spread, intensity_gates, pose_gates, quality_gates
 from xray_ct_reg.settings import setting
@@ -109,17 +109,23 @@ class RegistrationConfig:
         live=True)
     intensity_refine: bool = setting(
         False, 'refine the PnP pose by intensity against a DRR and judge the refined pose by '
-        'min_ncc instead of the correspondence gates (needs the CT)')
+        'the intensity gates (min_ncc, min_sharpness) instead of the correspondence gates '
+        '(needs the CT)')
     similarity: str = setting(
-        'ncc', 'image similarity the intensity refinement maximises and min_ncc judges '
-        '(refine.SIMILARITIES)', choices=tuple(refine.SIMILARITIES), live=True)
+        'gradient_ncc', 'image similarity the intensity refinement maximises and the intensity '
+        'gates judge (refine.SIMILARITIES)', choices=tuple(refine.SIMILARITIES), live=True)
     refine_time_budget_s: float = setting(
-        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 5-15 s on '
+        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 2-5 s on '
         '2 CPU cores; one that cannot finish in time is rejected, never cut short',
         limits=(0.0, 600.0), live=True)
     min_ncc: float = setting(
-        0.96, 'gate with intensity_refine: minimum NCC of the X-ray and the DRR at the refined '
-        'pose', limits=(-1.0, 1.0), live=True)
+        0.5, 'gate with intensity_refine: minimum similarity of the X-ray and the DRR at the '
+        'refined pose (a floor: its level does not transfer across appearance)',
+        limits=(-1.0, 1.0), live=True)
+    min_sharpness: float = setting(
+        0.02, 'gate with intensity_refine: the refined pose must score this much above every '
+        'probe a few mm and degrees away (refine.SHARPNESS_PROBES); calibrated on the own and '
+        'the held-out appearance families (bench/refine.py)', limits=(0.0, 1.0), live=True)
     min_exposed_fraction: float = setting(
         0.2, 'gate with intensity_refine: minimum fraction of the image that shows anatomy (not '
         'collimated or saturated)', limits=(0.0, 1.0), live=True)
@@ -152,6 +158,7 @@ class Result:
     inlier_spread: float = 0.0
     scr_pose: np.ndarray | None = None
     refinement: refine.RefineInfo | None = None
+    tracked: bool = False
 
     def to_dict(self):
         """JSON-able dict (arrays as nested lists, NaN as None)."""
@@ -238,11 +245,11 @@ class Registrar:
         self.patient = patient
         self.network_size = network_size(self.metadata, self.model)
         self.bone_centroid = self.model.bone_centroid.detach().cpu().numpy().astype(float)
-        self.projector = None  # the DRR projector of the CT, for intensity refinement
+        self.projector = None  # DRR projectors of the CT per refinement level
         if self.config.intensity_refine:
             if patient is None:
                 raise ValueError('intensity refinement needs the CT the model was trained for')
-            self.projector = drr.DRRProjector(patient.ct)
+            self.projector = refine.level_projectors(patient.ct)
 
     @classmethod
     def from_checkpoint(cls, path, patient=None, config=None):
@@ -287,11 +294,16 @@ class Registrar:
             points, pixels = points[keep], pixels[keep]
         return points, pixels, candidates
 
-    def register(self, image, intrinsics):
+    def register(self, image, intrinsics, prior_pose=None):
         """Register one X-ray; returns a ``Result`` (never raises for a bad pose).
 
-        Raises ValueError only for invalid input (see ``validate_image``). ``self.config`` is
-        read once, so a config swapped in by another thread applies from the next image on.
+        With ``prior_pose`` (a recent accepted pose of the same imager, e.g. the last frame of a
+        fluoroscopy sequence) and intensity refinement, the short tracking schedule
+        (``refine.TRACKING_ITERATIONS``) starts from it; when the intensity gates accept, that is
+        the result (``tracked`` True), else the frame goes the whole way (network, PnP,
+        refinement). Raises ValueError only for invalid input (see ``validate_image``).
+        ``self.config`` is read once, so a config swapped in by another thread applies from the
+        next image on.
         """
         config = self.config
         start = time.perf_counter()
@@ -305,6 +317,16 @@ class Registrar:
             timings['total'] = 1e3 * (time.perf_counter() - start)
             return Result(pose=fields.pop('pose', None), accepted=False, reason=reason,
                           timings_ms=timings, **fields)
+
+        if prior_pose is not None and self.projector is not None:
+            tick = time.perf_counter()
+            pose, info, accepted, _ = self._refine(image, intrinsics, prior_pose, config,
+                                                   refine.TRACKING_ITERATIONS)
+            timings['tracking'] = 1e3 * (time.perf_counter() - tick)
+            if accepted:
+                timings['total'] = 1e3 * (time.perf_counter() - start)
+                return Result(pose=pose, accepted=True, refinement=info, tracked=True,
+                              scr_pose=np.asarray(prior_pose, dtype=float), timings_ms=timings)
 
         small, small_intrinsics = scr_model.resize_for_network(image, intrinsics,
                                                                self.network_size)
@@ -351,13 +373,9 @@ class Registrar:
                 return rejected(f'PnP start: {reason}', **fields)
             tick = time.perf_counter()
             fields['scr_pose'] = pose
-            fields['pose'], fields['refinement'] = refine.refine_pose(
-                self.projector, image, intrinsics, pose,
-                time_budget_s=config.refine_time_budget_s, centre_ct=self.bone_centroid,
-                similarity=config.similarity)
+            fields['pose'], fields['refinement'], accepted, reason = self._refine(
+                image, intrinsics, pose, config)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
-            accepted, reason = intensity_gates(fields['pose'], fields['refinement'],
-                                               intrinsics, self.bone_centroid, config)
         else:
             accepted, reason = quality_gates(pose, fields['inlier_count'],
                                              fields['inlier_ratio'], error_px, intrinsics,
@@ -366,6 +384,17 @@ class Registrar:
             return rejected(reason, **fields)
         timings['total'] = 1e3 * (time.perf_counter() - start)
         return Result(accepted=True, timings_ms=timings, **fields)
+
+
+    def _refine(self, image, intrinsics, start_pose, config, iterations=None):
+        """Intensity refinement from ``start_pose``, judged: (pose, info, accepted, reason)."""
+        schedule = {} if iterations is None else {'iterations': iterations}
+        pose, info = refine.refine_pose(self.projector, image, intrinsics, start_pose,
+                                        time_budget_s=config.refine_time_budget_s,
+                                        centre_ct=self.bone_centroid,
+                                        similarity=config.similarity, **schedule)
+        accepted, reason = intensity_gates(pose, info, intrinsics, self.bone_centroid, config)
+        return pose, info, accepted, reason
 
 
 # ----------------------------------------------------------------------------- CLI

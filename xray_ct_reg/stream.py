@@ -90,6 +90,13 @@ class NodeConfig:
     no_frame_warning_s: float = setting(
         30.0, 'warn on /diagnostics when the image topic has publishers, the node is idle and no '
         'frame at all arrived this long after activation (s)', limits=(0.5, 3600.0), live=True)
+    tracking: bool = setting(
+        True, 'with intensity refinement: start from the last accepted pose of the same frame '
+        'pair while it is fresh (tracking_max_age_s), a short schedule; on rejection the frame '
+        'goes the whole way (network, PnP, refinement)', live=True)
+    tracking_max_age_s: float = setting(
+        2.0, 'how long (s, by image stamps) an accepted pose may start the next frames',
+        limits=(0.0, 60.0), live=True)
     inference_threads: int = setting(
         1, 'torch threads of the registration worker; keep a core free for receiving frames',
         limits=(1, 64))
@@ -145,6 +152,7 @@ class StreamCore:
         """Empty the mailbox and caches and zero the counters (on activate)."""
         with self._cond:
             self._pending = None
+            self._tracks = {}          # tf_key -> (stamp ns, pose) of the last accepted frame
             self._current = None       # the frame the worker is registering
             self._stopped = False
             self._camera_infos = collections.OrderedDict()
@@ -255,6 +263,20 @@ class StreamCore:
             else:
                 self._last_published[frame.tf_key] = frame.stamp_ns
             return refusal
+
+    def remember_pose(self, frame, pose):
+        """Keep an accepted (published) pose as the start for tracking the next frames."""
+        with self._cond:
+            self._tracks[frame.tf_key] = (frame.stamp_ns, pose)
+
+    def prior_pose(self, frame):
+        """The pose to track this frame from, or None (tracking off, none yet, or stale)."""
+        with self._cond:
+            stamp_ns, pose = self._tracks.get(frame.tf_key, (None, None))
+            if not self.config.tracking or stamp_ns is None:
+                return None
+            age_s = (frame.stamp_ns - stamp_ns) * 1e-9
+            return pose if 0.0 < age_s <= self.config.tracking_max_age_s else None
 
     def finish(self, frame, verdict, reason='', stamp_to_tf_ms=None):
         """Record a frame's verdict ('accepted', 'rejected' or 'error') and its latencies."""
