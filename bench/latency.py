@@ -29,8 +29,12 @@ def main():
     parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'))
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--refine', action='store_true', help='also time intensity refinement')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads (default: torch\'s choice)')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'latency.json'))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     patient = ct.load_patient('example')
     simulator = simulate.Simulator(patient)
     rng = np.random.default_rng(DEFAULT_SEED + 1)
@@ -53,6 +57,16 @@ def main():
             registrar.register(image, intrinsics)  # warm-up
             repeats = args.repeats if name == 'scr' else max(1, args.repeats // 5)
             runs = [registrar.register(image, intrinsics) for _ in range(repeats)]
+            if name != 'scr' and runs[0].accepted:  # the next frame of a sequence: tracked
+                tracked = [registrar.register(image, intrinsics, prior_pose=runs[0].pose)
+                           for _ in range(repeats)]
+                values = [r.timings_ms['total'] for r in tracked]
+                p50, p95 = np.percentile(values, [50, 95])
+                results[f'{name} tracked {size}px'] = {
+                    'tracked': all(r.tracked for r in tracked),
+                    'stages_ms': {'total': {'p50': float(p50), 'p95': float(p95)}}}
+                print(f'{name} tracked {size}px: tracked={all(r.tracked for r in tracked)} '
+                      f'total {p50:.1f}/{p95:.1f}')
             stages = {}
             for stage in STAGES:
                 values = [r.timings_ms[stage] for r in runs if stage in r.timings_ms]

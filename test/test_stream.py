@@ -204,10 +204,13 @@ def test_tracking_prior_is_the_last_accepted_pose_while_fresh(clock):
     core.remember_pose(first, 'pose a')
     fresh, _ = core.offer_image('b', 11 * SECOND, KEY)
     assert core.prior_pose(fresh) == 'pose a'
+    core.remember_pose(fresh, 'pose b', tracked=True)
+    assert core.prior_pose(fresh) is None  # not newer than the pose it would start from
+    assert core.stats()['tracked'] == 1
     other, _ = core.offer_image('c', 11 * SECOND + 1, ('other_imager', 'ct'))
     assert core.prior_pose(other) is None  # another frame pair
-    stale, _ = core.offer_image('d', 13 * SECOND, KEY)
-    assert core.prior_pose(stale) is None  # 3 s after the accepted one
+    stale, _ = core.offer_image('d', 14 * SECOND, KEY)
+    assert core.prior_pose(stale) is None  # 3 s after the last accepted one
     core.config = NodeConfig(tracking=False)
     assert core.prior_pose(fresh) is None
     core.config = NodeConfig()

@@ -311,7 +311,7 @@ class RegistrationNode(LifecycleNode):
             self._report(frame, 'error', f'bad stamp: {refusal}', result)
             return
         self._publish(msg, image, intrinsics, result)
-        self._core.remember_pose(frame, result.pose)
+        self._core.remember_pose(frame, result.pose, result.tracked)
         stamp_to_tf_ms = (self.get_clock().now().nanoseconds - frame.stamp_ns) * 1e-6
         self._report(frame, 'accepted', '', result, stamp_to_tf_ms)
 

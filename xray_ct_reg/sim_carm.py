@@ -66,14 +66,41 @@ def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', 
     return frames
 
 
-def sample_poses(patient, count, seed=0):
-    """``count`` C-arm poses (T_imager_ct, mm) from ``simulate.PoseSampler`` (seeded)."""
+# per-frame step of a sequence: C-arm orbit (deg about the patient's long axis through the
+# bone centroid) or table shift (mm along that axis)
+MOTION_STEPS = {'rotation': 0.5, 'table_shift': 1.0}
+
+
+def sample_poses(patient, count, seed=0, motion='none'):
+    """``count`` C-arm poses (T_imager_ct, mm) from ``simulate.PoseSampler`` (seeded).
+
+    ``motion`` 'none': independent random poses; 'rotation' or 'table_shift': a fluoroscopy
+    sequence from the first random pose, the C-arm orbiting by MOTION_STEPS['rotation'] degrees
+    or the table moving by MOTION_STEPS['table_shift'] mm per frame along the CT's z axis.
+    """
     from xray_ct_reg import simulate
 
     sampler = simulate.PoseSampler()
     rng = np.random.default_rng(seed)
     vertices = np.asarray(patient.mesh.vertices)
-    return [sampler.sample(rng, vertices, patient.bone_centroid)[0] for _ in range(int(count))]
+    if motion == 'none':
+        return [sampler.sample(rng, vertices, patient.bone_centroid)[0]
+                for _ in range(int(count))]
+    if motion not in MOTION_STEPS:
+        raise ValueError(f"motion must be 'none' or one of {sorted(MOTION_STEPS)}: {motion!r}")
+    first = sampler.sample(rng, vertices, patient.bone_centroid)[0]
+    centre = np.asarray(patient.bone_centroid, dtype=float)
+    step = MOTION_STEPS[motion]
+    poses = []
+    for index in range(int(count)):
+        if motion == 'rotation':
+            turn = geometry.pose_from_rotvec([0.0, 0.0, np.radians(step * index)], np.zeros(3))
+            move = geometry.compose(geometry.make_pose(np.eye(3), centre), turn,
+                                    geometry.make_pose(np.eye(3), -centre))
+        else:
+            move = geometry.make_pose(np.eye(3), [0.0, 0.0, step * index])
+        poses.append(geometry.compose(first, move))
+    return poses
 
 
 def read_poses(path):
@@ -99,7 +126,10 @@ class SimCarmConfig:
                             choices=('bright_bone', 'dark_bone', 'random'))
     rate_hz: float = setting(5.0, 'publishing rate (Hz)', limits=(0.01, 1000.0))
     seed: int = setting(0, 'seed of the pose sampler and the image noise', limits=(0, 2**31 - 1))
-    pool_size: int = setting(8, 'number of random poses rendered at start', limits=(1, 10000))
+    pool_size: int = setting(8, 'number of poses rendered at start', limits=(1, 10000))
+    motion: str = setting('none', 'none: random poses; rotation or table_shift: a fluoroscopy '
+                          'sequence (0.5 deg orbit or 1 mm table shift per frame)',
+                          choices=('none',) + tuple(MOTION_STEPS))
     poses_file: str = setting('', 'JSON list of 4x4 poses (mm) to use instead of random ones')
     max_frames: int = setting(0, 'stop publishing after this many frames (0 = never)',
                               limits=(0, 2**31 - 1))
@@ -126,7 +156,7 @@ class SimulatedCarm(Node):
             from xray_ct_reg import ct
             patient = ct.load_patient(config.ct_path)
         poses = (read_poses(config.poses_file) if config.poses_file
-                 else sample_poses(patient, config.pool_size, config.seed))
+                 else sample_poses(patient, config.pool_size, config.seed, config.motion))
         self.get_logger().info(f'rendering {len(poses)} frames at {config.size} px ...')
         self.frames = render_frames(patient, poses, config.size, config.render_size,
                                     config.encoding, config.seed, config.polarity)

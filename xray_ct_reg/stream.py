@@ -264,10 +264,14 @@ class StreamCore:
                 self._last_published[frame.tf_key] = frame.stamp_ns
             return refusal
 
-    def remember_pose(self, frame, pose):
-        """Keep an accepted (published) pose as the start for tracking the next frames."""
+    def remember_pose(self, frame, pose, tracked=False):
+        """Keep an accepted (published) pose as the start for tracking the next frames.
+
+        ``tracked``: the pose itself came from tracking (counted as ``tracked``).
+        """
         with self._cond:
             self._tracks[frame.tf_key] = (frame.stamp_ns, pose)
+            self._counts['tracked'] += int(bool(tracked))
 
     def prior_pose(self, frame):
         """The pose to track this frame from, or None (tracking off, none yet, or stale)."""
@@ -349,6 +353,7 @@ class StreamCore:
                 'rejected': counts['rejected'],
                 'errors': counts['error'],
                 'stamp_refused': counts['stamp_refused'],
+                'tracked': counts['tracked'],
                 'camera_info_paired': counts['camera_info_paired'],
                 'camera_info_fallback': counts['camera_info_fallback'],
                 'camera_info_missing': counts['camera_info_missing'],
