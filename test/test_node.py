@@ -283,7 +283,7 @@ def test_a_fluoroscopy_sequence_is_tracked(harness, patient):
                        + int(v['errors']) >= len(published), seconds=90.0)
     node.spin(1.0)
     _, _, values = node.diag()
-    assert int(values['accepted']) == 3, values
+    assert int(values['accepted']) == 3, (values, node.diag()[1])
     assert int(values['tracked']) >= 1, values
     for _, transform in node.tf:
         frame = published[ros_io.stamp_to_ns(transform.header.stamp)]

@@ -382,6 +382,8 @@ def test_tracking_from_a_prior_pose_and_falling_back_to_scr(refining_registrar, 
                                                        [3.0, -2.0, 3.0]), truth)
     tracked = refining_registrar.register(image, intrinsics, prior_pose=close)
     assert tracked.accepted and tracked.tracked, tracked.reason
+    variances = np.diag(tracked.covariance)  # from the similarity's curvature: finite, > 0
+    assert tracked.covariance.shape == (6, 6) and np.all((variances > 0) & (variances < 1e6))
     assert geometry.mtre(tracked.pose, truth, patient.targets) < REFINED_BOUND_MM
     full = refining_registrar.register(image, intrinsics)
     assert not full.tracked

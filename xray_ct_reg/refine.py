@@ -80,6 +80,7 @@ class RefineInfo:
     polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
     improved: bool = False            # the returned pose is the refined one (else the start)
     finished: bool = True             # the fixed schedule ran to its end within the budget
+    covariance: np.ndarray | None = None  # (6, 6) diagonal, x y z rx ry rz (mm, rad), imager
     iterations: int = 0               # LM iterations taken
     renders: int = 0                  # DRRs rendered
     time_s: float = 0.0               # wall-clock time of the refinement
@@ -401,6 +402,26 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock):
         change[axis] = offset
         probes[(axis, offset)] = score(refined, beam_centre, change)
     depth = max(value for (axis, _), value in probes.items() if axis == 2)
+    residuals = sum(len(feature) for feature in finest.target_features)
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
                          sharpness=final - max(probes.values()), polarity=polarity,
-                         improved=improved)
+                         improved=improved, covariance=_covariance(probes, final, residuals))
+
+
+def _covariance(probes, similarity, residuals):
+    """Diagonal pose covariance from the similarity's curvature at the sharpness probes.
+
+    Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over ``residuals``
+    elements): along each parameter the cost's curvature is ``2 * k`` with ``k`` the similarity's
+    drop over the probes (second difference), and the residual variance is the final cost per
+    degree of freedom; variance = that / k. Rotations are converted from the mm-like
+    parameters to radians. A direction without a drop gets a huge variance.
+    """
+    noise = max(2.0 - 2.0 * similarity, 1e-12) / max(residuals - 6, 1)
+    variances = []
+    for axis in range(6):
+        (_, minus), (offset, plus) = sorted((o, v) for (a, o), v in probes.items() if a == axis)
+        curvature = (2.0 * similarity - minus - plus) / offset ** 2
+        variance = noise / curvature if curvature > 0 else 1e6
+        variances.append(variance / (RADIUS_MM ** 2 if axis >= 3 else 1.0))
+    return np.diag(variances)

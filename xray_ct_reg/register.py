@@ -141,7 +141,8 @@ class Result:
     then a small rotation about the imager axes applied on the left. It comes from the
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
     relative confidence, not as a calibrated error bound. With intensity refinement it is still
-    the PnP stage's (the refined pose is usually far better). ``inlier_spread`` is the gate's
+    the PnP stage's (the refined pose is usually far better); a tracked pose (``tracked``) has
+    the refinement's, diagonal, from the similarity's curvature. ``inlier_spread`` is the gate's
     measure of how the inlier pixels cover the image. With intensity refinement,
     ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
     """
@@ -326,7 +327,8 @@ class Registrar:
             if accepted:
                 timings['total'] = 1e3 * (time.perf_counter() - start)
                 return Result(pose=pose, accepted=True, refinement=info, tracked=True,
-                              scr_pose=np.asarray(prior_pose, dtype=float), timings_ms=timings)
+                              covariance=info.covariance, timings_ms=timings,
+                              scr_pose=np.asarray(prior_pose, dtype=float))
 
         small, small_intrinsics = scr_model.resize_for_network(image, intrinsics,
                                                                self.network_size)
