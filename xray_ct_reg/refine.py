@@ -50,7 +50,7 @@ POLISH_ITERATIONS = 2
 # LM iterations both image polarities take at the coarsest level before the better one goes on.
 POLARITY_TRIAL_ITERATIONS = 2
 # Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``).
-TRACKING_ITERATIONS = (2, 2)
+TRACKING_ITERATIONS = (1, 2)
 # Probes of the optimum's sharpness: (parameter index, offset) in mm-like units; depth (z) is
 # probed farther, being the weak direction.
 DEPTH_PROBE_MM = 10.0
@@ -316,14 +316,17 @@ def _along_beam(pose, centre_imager, offset_mm):
 
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
-                levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='gradient_ncc'):
+                levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='gradient_ncc',
+                near_start=False):
     """Refine ``pose`` (T_imager_ct) by the similarity of ``image`` and DRRs, coarse to fine.
 
     ``projector`` is a ``drr.DRRProjector`` or one per level (``level_projectors``);
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the LM iterations
     per level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
     central ray). ``similarity`` names the measure maximised and reported (FEATURES; the
-    ``ncc_*`` fields of the info hold it). Returns (pose, ``RefineInfo``).
+    ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
+    polarity is the similarity's sign at the start and there is no depth line search.
+    Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
     it cannot finish within ``time_budget_s`` it stops there and returns the start pose with
@@ -353,7 +356,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     if targets[-1].exposed.sum() >= 16:  # else: nothing to compare, the start pose is returned
         try:
             refined, scores = _schedule(targets, pose0, centre_imager, iterations, similarity,
-                                        clock)
+                                        clock, near_start)
             info = replace(info, **scores)
         except BudgetExceeded:
             info.finished = False
@@ -362,31 +365,36 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     return refined.numpy(), info
 
 
-def _schedule(levels, pose0, centre_imager, iterations, measure, clock):
+def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_start):
     """The fixed refinement schedule; returns (refined pose tensor, scores for the info)."""
     finest = levels[-1]
     zero = torch.zeros(6, dtype=torch.float64)
-    trials = []
-    for sign in (1.0, -1.0):  # polarity: both try at the coarsest level, the better goes on
-        objective = _Objective(levels[0], pose0, centre_imager, sign, measure, clock)
-        delta, cost = _levenberg_marquardt(objective, zero, POLARITY_TRIAL_ITERATIONS)
-        trials.append((cost, -sign, sign, delta))
-    _, _, polarity, delta = min(trials, key=lambda trial: trial[:2])
+    delta, trial_iterations = zero, 0
+    if near_start:  # the similarity's sign at a close start is the polarity
+        start = _Objective(levels[0], pose0, centre_imager, 1.0, measure, clock)
+        polarity = 1.0 if start.similarity(zero) >= 0.0 else -1.0
+    else:  # polarity: both try at the coarsest level, the better goes on
+        trials, trial_iterations = [], POLARITY_TRIAL_ITERATIONS
+        for sign in (1.0, -1.0):
+            objective = _Objective(levels[0], pose0, centre_imager, sign, measure, clock)
+            delta, cost = _levenberg_marquardt(objective, zero, trial_iterations)
+            trials.append((cost, -sign, sign, delta))
+        _, _, polarity, delta = min(trials, key=lambda trial: trial[:2])
 
     def score(pose, centre=centre_imager, offset=zero):
         return _Objective(finest, pose, centre, polarity, measure, clock).similarity(offset)
 
     ncc_before = score(pose0)
     for index, (level, count) in enumerate(zip(levels, iterations, strict=True)):
-        remaining = count - (POLARITY_TRIAL_ITERATIONS if index == 0 else 0)
+        remaining = count - (trial_iterations if index == 0 else 0)
         objective = _Objective(level, pose0, centre_imager, polarity, measure, clock)
         delta, _ = _levenberg_marquardt(objective, delta, max(remaining, 0))
     candidate = _perturbed_pose(pose0, delta, centre_imager)
-    # depth: line search along the beam, then a polish at the finest level
+    # depth: line search along the beam (not from a close start), then a polish
     beam_centre = candidate[:3, :3] @ (
         torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
     ncc_after, best_offset = max((score(_along_beam(candidate, beam_centre, offset)), offset)
-                                 for offset in DEPTH_SEARCH_MM)
+                                 for offset in ((0.0,) if near_start else DEPTH_SEARCH_MM))
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
         objective = _Objective(finest, candidate, beam_centre, polarity, measure, clock)

@@ -389,8 +389,11 @@ class Registrar:
 
 
     def _refine(self, image, intrinsics, start_pose, config, iterations=None):
-        """Intensity refinement from ``start_pose``, judged: (pose, info, accepted, reason)."""
-        schedule = {} if iterations is None else {'iterations': iterations}
+        """Intensity refinement from ``start_pose``, judged: (pose, info, accepted, reason).
+
+        With ``iterations`` (tracking) the start is taken as close (``near_start``).
+        """
+        schedule = {} if iterations is None else {'iterations': iterations, 'near_start': True}
         pose, info = refine.refine_pose(self.projector, image, intrinsics, start_pose,
                                         time_budget_s=config.refine_time_budget_s,
                                         centre_ct=self.bone_centroid,
