@@ -31,6 +31,25 @@ from xray_ct_reg.model import normalise_intensity_batch
 from xray_ct_reg.patient_file import MATERIAL_CHANNELS
 
 
+def gaussian_blur(images, sigma_px, mode='reflect'):
+    """Separable Gaussian blur of (B, H, W) images with one sigma (px).
+
+    ``mode`` pads the border: 'reflect' (beyond one reflection of a tiny image, 'replicate')
+    or 'replicate'.
+    """
+    radius = max(1, int(math.ceil(3 * sigma_px)))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()
+    pad = min(radius, images.shape[-1] - 1) if mode == 'reflect' else radius
+    out = F.pad(images[:, None], (pad,) * 4, mode=mode)
+    if pad < radius:
+        out = F.pad(out, (radius - pad,) * 4, mode='replicate')
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
 @dataclass
 class AppearanceRanges:
     """Ranges the appearance is drawn from (uniform unless said otherwise)."""
@@ -194,29 +213,13 @@ class RandomAppearance:
         return torch.where(used[:, None, None], opening, torch.ones_like(opening))
 
     # ------------------------------------------------------------------ image chain
-    @staticmethod
-    def _blur(images, sigma_px):
-        """Separable Gaussian blur of (B, H, W) with one sigma (px), reflect padding."""
-        radius = max(1, int(math.ceil(3 * sigma_px)))
-        x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-        kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
-        kernel = kernel / kernel.sum()
-        out = images[:, None]
-        pad = min(radius, images.shape[-1] - 1)
-        out = F.pad(out, (pad, pad, pad, pad), mode='reflect')
-        if pad < radius:  # tiny images: fall back to replicate beyond one reflection
-            out = F.pad(out, (radius - pad,) * 4, mode='replicate')
-        out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-        out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-        return out[:, 0]
-
     def _lowpass(self, images):
         """A smooth version of (B, H, W) images (scatter, dynamic-range compression)."""
         size = images.shape[-1]
         pooled = F.avg_pool2d(images[:, None], kernel_size=max(size // 8, 1))
         smooth = F.interpolate(pooled, size=images.shape[-2:], mode='bilinear',
                                align_corners=False)[:, 0]
-        return self._blur(smooth, max(size / 32.0, 1.0))
+        return gaussian_blur(smooth, max(size / 32.0, 1.0))
 
     def __call__(self, rendered, generator):
         """Images (B, 1, H, W) normalised as the network's input, and bone masks (B, H, W).
@@ -260,7 +263,7 @@ class RandomAppearance:
         intensity = intensity + electronic * torch.randn(
             intensity.shape, generator=generator, device=self.device)
         blur = self._uniform(generator, r.detector_blur, count)[:, None, None]
-        intensity = intensity + blur * (self._blur(intensity, 1.0) - intensity)
+        intensity = intensity + blur * (gaussian_blur(intensity, 1.0) - intensity)
         image = self.process(generator, intensity.clamp(min=1e-5), opening > 0.5)
         bone = rendered['hit'] & (opening > 0.5) & (metal.sum(dim=1) < 3.0)
         return normalise_intensity_batch(image)[:, None], bone
@@ -306,7 +309,7 @@ class RandomAppearance:
         x = torch.where(self._chance(generator, r.sigmoid_probability, count)[:, None, None],
                         sigmoid, x ** gamma)
         amount = self._uniform(generator, r.unsharp, count)[:, None, None]
-        x = (x + amount * (x - self._blur(x, max(x.shape[-1] / 32.0, 1.0)))).clamp(0.0, 1.0)
+        x = (x + amount * (x - gaussian_blur(x, max(x.shape[-1] / 32.0, 1.0)))).clamp(0.0, 1.0)
         bits = torch.tensor(r.bits, device=self.device)[torch.randint(
             0, len(r.bits), (count,), generator=generator, device=self.device)]
         levels = (2.0 ** bits.float() - 1.0)[:, None, None]

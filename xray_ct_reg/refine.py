@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from xray_ct_reg import drr, geometry, model
+from xray_ct_reg.appearance import gaussian_blur
 
 NAN = float('nan')
 # Lever arm (mm) that turns rotation parameters into millimetre-like units.
@@ -211,13 +212,7 @@ class _Level:
     def features(self, image, measure):
         """The level's features of ``image`` (blurred by ``blur_px`` first)."""
         if self.blur_px > 0:
-            radius = int(np.ceil(3 * self.blur_px))
-            x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-            kernel = torch.exp(-0.5 * (x / self.blur_px) ** 2)
-            kernel = kernel / kernel.sum()
-            padded = torch.nn.functional.pad(image[None, None], (radius,) * 4, mode='replicate')
-            image = torch.nn.functional.conv2d(torch.nn.functional.conv2d(
-                padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
+            image = gaussian_blur(image[None], self.blur_px, mode='replicate')[0]
         return FEATURES[measure](image, self.exposed)
 
 

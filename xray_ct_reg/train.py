@@ -326,6 +326,7 @@ class ShardSource:
             val_data = resample_split(val_data, config.size)
         self.size = int(self.train_data['line_integral'].shape[1])
         self.config, self.device = config, device
+        self.steps_per_epoch = max(len(self.train_data['K']) // config.batch_size, 1)
         self.augmenter = Augmenter(config)
         self.K = self.train_data['K'][0]
         self.bone_centroid, self.bone_radius = manifest['bone_centroid'], manifest['bone_radius']
@@ -347,13 +348,11 @@ class ShardSource:
 
     def epoch(self, rng):
         """The batches of one pass over the training split, in a random order."""
-        count = len(self.train_data['K'])
-        order = rng.permutation(count)
-        for first in range(0, max(count // self.config.batch_size, 1) * self.config.batch_size,
-                           self.config.batch_size):
-            yield self._to_device(make_batch(
-                self.train_data, order[first:first + self.config.batch_size], self.augmenter,
-                rng))
+        order = rng.permutation(len(self.train_data['K']))
+        size = self.config.batch_size
+        for first in range(0, self.steps_per_epoch * size, size):
+            yield self._to_device(make_batch(self.train_data, order[first:first + size],
+                                             self.augmenter, rng))
 
     def state(self):
         """Nothing to keep: the data are on disk."""
@@ -375,6 +374,7 @@ class OnlineSource:
         volumes = read_patient_file(config.patient)
         self.size = int(config.size or 128)
         self.config, self.device = config, device
+        self.steps_per_epoch = max(config.epoch_views // config.batch_size, 1)
         self.simulator = OnlineSimulator(volumes, self.size, device, surface_step_mm=1.5,
                                          rays_per_chunk=(
             2 ** 27 if device.type == 'cuda' else 2 ** 22))
@@ -409,7 +409,7 @@ class OnlineSource:
 
     def epoch(self, rng):
         """``epoch_views`` fresh views in batches (``rng`` is unused: the source has its own)."""
-        for _ in range(max(self.config.epoch_views // self.config.batch_size, 1)):
+        for _ in range(self.steps_per_epoch):
             yield self._batch(self.config.batch_size, self.rng, self.generator)
 
     def state(self):
@@ -511,8 +511,7 @@ def train(config):
     network, optimizer, progress, rng = _start(config, source, device)
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda'
                 else contextlib.nullcontext())
-    steps_per_epoch = (max(config.epoch_views // config.batch_size, 1) if config.patient else
-                       max(len(source.train_data['K']) // config.batch_size, 1))
+    steps_per_epoch = source.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     budget_s = config.max_minutes * 60.0 if config.max_minutes else None
     history = {'epochs': progress['history'], 'K': np.asarray(source.K).tolist()}
