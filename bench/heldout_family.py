@@ -254,7 +254,8 @@ def main():
     parser.add_argument('-n', '--n-per-group', type=int, default=8)
     parser.add_argument('--refine-n', type=int, default=8, help='refined views per group')
     parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--similarity', default='ncc', help='refine.SIMILARITIES name')
+    parser.add_argument('--similarity', default=RegistrationConfig.similarity,
+                        help='refine.SIMILARITIES name')
     parser.add_argument('--modes', nargs='+', default=['scr', 'refined', 'near_truth'],
                         choices=['scr', 'refined', 'near_truth'])
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
@@ -307,7 +308,7 @@ def main():
             'records': records}
     refined_records = [record for mode in ('refined', 'near_truth') if mode in report['modes']
                        for record in report['modes'][mode]['records']]
-    suffix = '' if args.similarity == 'ncc' else f'_{args.similarity}'
+    suffix = '' if args.similarity == RegistrationConfig.similarity else f'_{args.similarity}'
     _plot(refined_records, out / f'heldout_family{suffix}.png', args.similarity)
     print(f"\n{'mode':8} {'group':8} {'n':>3} {'acc':>4} {'acc p50':>8} {'acc p95':>8} "
           f"{'>10mm':>6} {'est p50':>8}")

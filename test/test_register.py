@@ -122,7 +122,7 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
         return intensity_gates(pose, replace(good, **change), intrinsics, centre, config)
 
     assert judge() == (True, '')
-    for change, fragment in [({'ncc_after': 0.4}, 'gradient_ncc 0.400'),
+    for change, fragment in [({'ncc_after': 0.4}, f'{RegistrationConfig.similarity} 0.400'),
                              ({'ncc_after': np.nan}, 'disagree'),
                              ({'depth_margin': -0.001}, 'depth'),
                              ({'sharpness': 0.01}, 'no sharp optimum'),

@@ -93,6 +93,20 @@ def test_render_torch_is_differentiable(simulator):
         pose, intrinsics), rtol=1e-5, atol=1e-5)
 
 
+def test_render_of_chosen_pixels_matches_the_full_render(simulator):
+    pose, intrinsics = next(random_views(simulator, 1, 32, seed=5))
+    full = simulator.projector.render(pose, intrinsics)
+    chosen = np.random.default_rng(0).random(full.shape) < 0.3
+    with torch.no_grad():
+        part = simulator.projector.render_torch(torch.as_tensor(pose), intrinsics,
+                                                only=torch.from_numpy(chosen)).numpy()
+        nothing = simulator.projector.render_torch(torch.as_tensor(pose), intrinsics,
+                                                   only=torch.zeros(full.shape, dtype=bool))
+    np.testing.assert_allclose(part[chosen], full[chosen], rtol=1e-6, atol=1e-6)
+    assert full[chosen].min() > 0 and not part[~chosen].any()
+    assert nothing.shape == full.shape and not nothing.any()
+
+
 def test_crop_equals_simulation_with_cropped_intrinsics(simulator):
     pose, intrinsics = next(random_views(simulator, 1, 96, seed=4))
     full = simulator.simulate(pose, intrinsics)

@@ -103,16 +103,24 @@ class DRRProjector:
                                       intrinsics)
         return image.cpu().numpy().astype(np.float32)
 
-    def render_torch(self, pose, intrinsics):
+    def render_torch(self, pose, intrinsics, only=None):
         """Differentiable line integral image (H, W) float32 tensor ((C, H, W) for C channels).
 
         ``pose`` is a (4, 4) tensor T_imager_ct (float64 recommended); gradients flow to it.
+        ``only``: an optional (H, W) bool tensor; only those pixels are rendered, the others
+        are 0.
         """
         dtype = torch.float64
         pose = pose.to(device=self.device, dtype=dtype)
         rotation, translation = pose[:3, :3], pose[:3, 3]
         pixels = torch.as_tensor(pixel_centers(intrinsics.width, intrinsics.height).reshape(-1, 2),
                                  dtype=dtype, device=self.device)
+        if only is not None:
+            only = only.reshape(-1).to(self.device)
+            pixels = pixels[only]
+            if not len(pixels):
+                return self.volume.new_zeros((self.volume.shape[1], intrinsics.height,
+                                              intrinsics.width)).squeeze(0)
         homogeneous = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
         k_inverse = torch.as_tensor(np.linalg.inv(intrinsics.K), dtype=dtype, device=self.device)
         directions = homogeneous @ k_inverse.T @ rotation  # rows: R^T K^-1 [u, v, 1]
@@ -143,5 +151,9 @@ class DRRProjector:
                                    padding_mode='zeros', align_corners=True)
             values = values.view(self.volume.shape[1], -1, count)
             sums.append((values * weights[rays]).sum(dim=-1))
-        images = torch.cat(sums, dim=-1).view(-1, intrinsics.height, intrinsics.width)
+        values = torch.cat(sums, dim=-1)
+        if only is not None:
+            values = values.new_zeros((len(values), len(only))).index_copy(
+                1, only.nonzero()[:, 0], values)
+        images = values.view(-1, intrinsics.height, intrinsics.width)
         return images[0] if images.shape[0] == 1 else images

@@ -1,11 +1,13 @@
 """Intensity-based refinement of a pose against a DRR of the CT.
 
-Maximises a similarity (``SIMILARITIES``: gradient correlation by default, or NCC of the
-intensities) between the X-ray and a DRR rendered with ``drr.DRRProjector`` over a 6-dof
-perturbation of the pose, coarse to fine, by Levenberg-Marquardt. Both similarities are a mean
-of dot products of unit feature vectors (``FEATURES``), so maximising one is least squares on
-the feature residual (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the
-6 parameters comes from forward differences (6 extra renders, no autograd). The perturbation
+Maximises a similarity (``SIMILARITIES``: normalised gradient fields by default, gradient
+correlation, or NCC of the intensities) between the X-ray and a DRR rendered with
+``drr.DRRProjector`` over a 6-dof perturbation of the pose, coarse to fine, by
+Levenberg-Marquardt. Each similarity is a mean of dot products of unit feature vectors
+(``FEATURES``), so maximising one is least squares on the feature residual
+(``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the 6 parameters comes from
+forward differences (6 extra renders, no autograd) and is then carried along by Broyden updates
+for a few iterations. The perturbation
 rotates about a centre point (the bone centroid when given) so that rotation and translation are
 decoupled: ``p' = exp([dr]) (p - c) + c + dt`` in the imager frame, with ``dr`` scaled by
 ``RADIUS_MM`` so one unit of either parameter moves the bone by about a millimetre. Each level
@@ -15,8 +17,9 @@ The schedule is fixed (iteration counts, not wall-clock stopping), so a result n
 the machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
 and the registrar rejects the frame.
 
-Only exposed pixels count (``exposed_mask``): collimator shutters and detector saturation give
-flat regions at an end of the grey range that carry no anatomy.
+Only exposed pixels count, and only they are rendered (``exposed_mask``): collimator shutters
+and detector saturation give flat regions at an end of the grey range that carry no anatomy.
+The coarse level's blur is taken over exposed pixels only, so a shutter edge does not bleed in.
 
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
 signs take a few iterations at the coarsest level and the better one goes on. After the levels a
@@ -43,6 +46,8 @@ JACOBIAN_STEP = 0.5
 LM_DAMPING = 1e-3
 LM_MAX_STEP = 20.0
 LM_TRIES = 3
+# Iterations a Jacobian serves (kept current by Broyden updates) before it is recomputed.
+JACOBIAN_REFRESH = 3
 # Along the beam is the weakest direction of a single view. After the levels, the pose is
 # searched at these offsets (mm) along the beam and polished with POLISH_ITERATIONS at the finest
 # level.
@@ -151,9 +156,27 @@ def gradient_features(image, mask):
             zip(_differences(image), _differences(mask), strict=True)]
 
 
+def normalised_gradient_features(image, mask):
+    """Normalised gradient fields: each pixel's gradient over sqrt(|gradient|^2 + eps^2).
+
+    ``eps`` is the image's median gradient magnitude over the exposed pixels, so every edge
+    counts about the same whatever its contrast: a collimator edge or a metal wire cannot
+    outweigh the bones, flat (saturated) areas count nothing, and a monotone processing LUT
+    changes little but the magnitudes. One unit vector of both components.
+    """
+    dx = image[:-1, 1:] - image[:-1, :-1]
+    dy = image[1:, :-1] - image[:-1, :-1]
+    valid = mask[:-1, :-1] & mask[:-1, 1:] & mask[1:, :-1]
+    dx, dy = dx[valid], dy[valid]
+    magnitude2 = dx * dx + dy * dy
+    scale = torch.rsqrt(magnitude2 + magnitude2.median() + 1e-12)
+    return [_unit(torch.cat([dx * scale, dy * scale]))]
+
+
 # name -> features(image, exposed mask): unit vectors whose mean dot product is the similarity
 # (1 = identical up to gain and offset)
-FEATURES = {'ncc': intensity_features, 'gradient_ncc': gradient_features}
+FEATURES = {'ncc': intensity_features, 'gradient_ncc': gradient_features,
+            'ngf': normalised_gradient_features}
 SIMILARITIES = tuple(FEATURES)
 # Voxel size (mm) of the volume each level renders from, coarse to fine.
 LEVEL_VOXELS_MM = (4.0, 2.0)
@@ -210,9 +233,16 @@ class _Level:
     target_features: list = None
 
     def features(self, image, measure):
-        """The level's features of ``image`` (blurred by ``blur_px`` first)."""
+        """The level's features of ``image``, first blurred by ``blur_px`` over exposed pixels.
+
+        The blur is a normalised convolution (blur of the masked image over blur of the mask),
+        so a collimator edge outside the mask does not bleed into the exposed pixels.
+        """
         if self.blur_px > 0:
-            image = gaussian_blur(image[None], self.blur_px, mode='replicate')[0]
+            weight = self.exposed.to(image.dtype)
+            both = gaussian_blur(torch.stack([image * weight, weight]), self.blur_px,
+                                 mode='replicate')
+            image = both[0] / both[1].clamp_min(1e-6)
         return FEATURES[measure](image, self.exposed)
 
 
@@ -241,7 +271,8 @@ class _Objective:
         self.clock.tick()
         with torch.no_grad():
             rendered = self.level.projector.render_torch(
-                _perturbed_pose(self.pose, delta, self.centre), self.level.intrinsics).double()
+                _perturbed_pose(self.pose, delta, self.centre), self.level.intrinsics,
+                only=self.level.exposed).double()
         features = self.level.features(self.polarity * rendered, self.measure)
         scale = 1.0 / np.sqrt(len(features))
         return torch.cat([(f - t) * scale for f, t in
@@ -265,24 +296,34 @@ class _Clock:
         self.renders += 1
 
 
+def _forward_jacobian(objective, delta, residual):
+    """Jacobian of the residual over the 6 parameters by forward differences (6 renders)."""
+    columns = []
+    for axis in range(6):
+        shifted = delta.clone()
+        shifted[axis] += JACOBIAN_STEP
+        columns.append((objective.residual(shifted) - residual) / JACOBIAN_STEP)
+    return torch.stack(columns, dim=1)
+
+
 def _levenberg_marquardt(objective, delta, iterations):
     """``iterations`` LM iterations from ``delta``; returns (delta, cost = |r|^2).
 
-    Forward-difference Jacobian, damping on the diagonal of J^T J, at most ``LM_TRIES`` damped
-    solves per iteration, steps capped at ``LM_MAX_STEP``. It stops early only when no try
-    lowers the cost (the same input always takes the same path).
+    The Jacobian comes from forward differences and is then kept up to date by Broyden's
+    rank-one update after each accepted step, for at most ``JACOBIAN_REFRESH`` iterations or
+    until a stale one fails to lower the cost. Damping on the diagonal of J^T J, at most
+    ``LM_TRIES`` damped solves per iteration, steps capped at ``LM_MAX_STEP``. It stops early
+    only when no try lowers the cost with a fresh Jacobian (the same input always takes the
+    same path).
     """
     residual = objective.residual(delta)
     cost = float(residual @ residual)
     damping = LM_DAMPING
+    jacobian, age = None, 0
     for _ in range(iterations):
         objective.clock.iterations += 1
-        columns = []
-        for axis in range(6):
-            shifted = delta.clone()
-            shifted[axis] += JACOBIAN_STEP
-            columns.append((objective.residual(shifted) - residual) / JACOBIAN_STEP)
-        jacobian = torch.stack(columns, dim=1)
+        if jacobian is None or age >= JACOBIAN_REFRESH:
+            jacobian, age = _forward_jacobian(objective, delta, residual), 0
         normal = jacobian.T @ jacobian
         gradient = jacobian.T @ residual
         for _ in range(LM_TRIES):
@@ -293,12 +334,17 @@ def _levenberg_marquardt(objective, delta, iterations):
             trial = objective.residual(delta + step)
             trial_cost = float(trial @ trial)
             if trial_cost < cost:
+                jacobian = jacobian + torch.outer(trial - residual - jacobian @ step,
+                                                  step) / float(step @ step)
                 delta, residual, cost = delta + step, trial, trial_cost
                 damping = max(damping / 3.0, 1e-7)
+                age += 1
                 break
             damping *= 5.0
         else:
-            break
+            if age == 0:
+                break
+            jacobian = None  # a stale Jacobian failed: a fresh one next iteration
     return delta, cost
 
 
@@ -311,7 +357,7 @@ def _along_beam(pose, centre_imager, offset_mm):
 
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
-                levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='gradient_ncc',
+                levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='ngf',
                 near_start=False):
     """Refine ``pose`` (T_imager_ct) by the similarity of ``image`` and DRRs, coarse to fine.
 

@@ -112,10 +112,10 @@ class RegistrationConfig:
         'the intensity gates (min_ncc, min_sharpness) instead of the correspondence gates '
         '(needs the CT)')
     similarity: str = setting(
-        'gradient_ncc', 'image similarity the intensity refinement maximises and the intensity '
+        'ngf', 'image similarity the intensity refinement maximises and the intensity '
         'gates judge (refine.SIMILARITIES)', choices=tuple(refine.SIMILARITIES), live=True)
     refine_time_budget_s: float = setting(
-        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 2-5 s on '
+        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 2-4 s on '
         '2 CPU cores; one that cannot finish in time is rejected, never cut short',
         limits=(0.0, 600.0), live=True)
     min_ncc: float = setting(
