@@ -11,6 +11,7 @@ CT) and turned into linear attenuation (see ``hu_to_mu``), cropped to its non-ze
 pixel-centre ray is clipped to that box, sampled every ``step_mm`` (trilinear, ``grid_sample``)
 and summed times the step.
 """
+import cv2
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -92,6 +93,7 @@ class DRRProjector:
         self._origin = origin
         self.step_mm = float(step_mm or voxel_mm)
         self.chunk_rays = 1024
+        self._slice_stacks = {}  # axis -> the volume's slices across it (render_by_slices)
 
     def render(self, pose, intrinsics):
         """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct).
@@ -103,24 +105,16 @@ class DRRProjector:
                                       intrinsics)
         return image.cpu().numpy().astype(np.float32)
 
-    def render_torch(self, pose, intrinsics, only=None):
+    def render_torch(self, pose, intrinsics):
         """Differentiable line integral image (H, W) float32 tensor ((C, H, W) for C channels).
 
         ``pose`` is a (4, 4) tensor T_imager_ct (float64 recommended); gradients flow to it.
-        ``only``: an optional (H, W) bool tensor; only those pixels are rendered, the others
-        are 0.
         """
         dtype = torch.float64
         pose = pose.to(device=self.device, dtype=dtype)
         rotation, translation = pose[:3, :3], pose[:3, 3]
         pixels = torch.as_tensor(pixel_centers(intrinsics.width, intrinsics.height).reshape(-1, 2),
                                  dtype=dtype, device=self.device)
-        if only is not None:
-            only = only.reshape(-1).to(self.device)
-            pixels = pixels[only]
-            if not len(pixels):
-                return self.volume.new_zeros((self.volume.shape[1], intrinsics.height,
-                                              intrinsics.width)).squeeze(0)
         homogeneous = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
         k_inverse = torch.as_tensor(np.linalg.inv(intrinsics.K), dtype=dtype, device=self.device)
         directions = homogeneous @ k_inverse.T @ rotation  # rows: R^T K^-1 [u, v, 1]
@@ -151,9 +145,58 @@ class DRRProjector:
                                    padding_mode='zeros', align_corners=True)
             values = values.view(self.volume.shape[1], -1, count)
             sums.append((values * weights[rays]).sum(dim=-1))
-        values = torch.cat(sums, dim=-1)
-        if only is not None:
-            values = values.new_zeros((len(values), len(only))).index_copy(
-                1, only.nonzero()[:, 0], values)
-        images = values.view(-1, intrinsics.height, intrinsics.width)
+        images = torch.cat(sums, dim=-1).view(-1, intrinsics.height, intrinsics.width)
         return images[0] if images.shape[0] == 1 else images
+
+    def render_by_slices(self, pose, intrinsics):
+        """The line integral image of ``render``, about 8x faster on a CPU; not differentiable.
+
+        Every ray is sampled where it crosses the slices of the volume across the axis closest
+        to the central ray (bilinear within a slice, so trilinear there) and the samples are
+        weighted by the ray's length per slice. The samples of one slice for all pixels are one
+        perspective warp of that slice (OpenCV). Agrees with ``render`` to about 0.1 % (median
+        over pixels); slices behind the source are skipped.
+        """
+        pose = np.asarray(pose, dtype=float)
+        rotation, translation = pose[:3, :3], pose[:3, 3]
+        # pixel [u, v, 1] -> ray direction in index space; the source in index space
+        pixel_to_ray = self._physical_to_index @ rotation.T @ np.linalg.inv(intrinsics.K)
+        source = self._physical_to_index @ (-rotation.T @ translation - self._origin)
+        width, height = intrinsics.width, intrinsics.height
+        central = pixel_to_ray @ [(width - 1) / 2.0, (height - 1) / 2.0, 1.0]
+        axis = int(np.argmax(np.abs(central)))
+        column, row = [other for other in range(3) if other != axis]
+        slices = self._slices(axis)  # (S, C, rows, columns)
+        image = np.zeros((slices.shape[1], height, width), np.float32)
+        for index in range(slices.shape[0]):
+            if (index - source[axis]) * central[axis] <= 0:
+                continue  # behind the source
+            depth = index - source[axis]
+            # [column, row, 1] ~ homography @ [u, v, 1] where the ray meets this slice
+            homography = np.stack([source[column] * pixel_to_ray[axis]
+                                   + depth * pixel_to_ray[column],
+                                   source[row] * pixel_to_ray[axis] + depth * pixel_to_ray[row],
+                                   pixel_to_ray[axis]])
+            for channel, plane in enumerate(slices[index]):
+                image[channel] += cv2.warpPerspective(
+                    plane, homography, (width, height),
+                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        pixels = pixel_centers(width, height).reshape(-1, 2)
+        directions = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ (
+            rotation.T @ np.linalg.inv(intrinsics.K)).T
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        mm_per_slice = 1.0 / np.abs(directions @ self._physical_to_index[axis])
+        image *= mm_per_slice.reshape(height, width).astype(np.float32)
+        return image[0] if len(image) == 1 else image
+
+    def _slices(self, axis):
+        """The volume as contiguous slices across index ``axis`` (x=0, y=1, z=2), kept.
+
+        (S, C, rows, columns): rows and columns are the other two axes, higher index first.
+        """
+        if axis not in self._slice_stacks:
+            volume = self.volume[0].cpu().numpy()  # (C, z, y, x)
+            order = {0: (3, 0, 1, 2), 1: (2, 0, 1, 3), 2: (1, 0, 2, 3)}[axis]
+            self._slice_stacks[axis] = np.ascontiguousarray(volume.transpose(order))
+        return self._slice_stacks[axis]

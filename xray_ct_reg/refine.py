@@ -2,7 +2,7 @@
 
 Maximises a similarity (``SIMILARITIES``: normalised gradient fields by default, gradient
 correlation, or NCC of the intensities) between the X-ray and a DRR rendered with
-``drr.DRRProjector`` over a 6-dof perturbation of the pose, coarse to fine, by
+``drr.DRRProjector.render_by_slices`` over a 6-dof perturbation of the pose, coarse to fine, by
 Levenberg-Marquardt. Each similarity is a mean of dot products of unit feature vectors
 (``FEATURES``), so maximising one is least squares on the feature residual
 (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the 6 parameters comes from
@@ -17,7 +17,7 @@ The schedule is fixed (iteration counts, not wall-clock stopping), so a result n
 the machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
 and the registrar rejects the frame.
 
-Only exposed pixels count, and only they are rendered (``exposed_mask``): collimator shutters
+Only exposed pixels count (``exposed_mask``): collimator shutters
 and detector saturation give flat regions at an end of the grey range that carry no anatomy.
 The coarse level's blur is taken over exposed pixels only, so a shutter edge does not bleed in.
 
@@ -269,10 +269,8 @@ class _Objective:
     def residual(self, delta):
         """Residual vector: |r|^2 = 2 - 2 * similarity (polarity applied to the DRR)."""
         self.clock.tick()
-        with torch.no_grad():
-            rendered = self.level.projector.render_torch(
-                _perturbed_pose(self.pose, delta, self.centre), self.level.intrinsics,
-                only=self.level.exposed).double()
+        rendered = torch.from_numpy(self.level.projector.render_by_slices(
+            _perturbed_pose(self.pose, delta, self.centre).numpy(), self.level.intrinsics)).double()
         features = self.level.features(self.polarity * rendered, self.measure)
         scale = 1.0 / np.sqrt(len(features))
         return torch.cat([(f - t) * scale for f, t in
