@@ -9,6 +9,7 @@ import torch
 
 from xray_ct_reg import ct, dataset, example_data, geometry, simulate
 from xray_ct_reg.drr import DRRProjector
+from xray_ct_reg.xray_physics import MaterialProjector
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +106,13 @@ def test_rendering_by_slices_matches_ray_marching(simulator):
         sliced = projector.render_by_slices(pose, intrinsics)
         assert sliced.shape == marched.shape and sliced.dtype == np.float32
         assert np.median(np.abs(sliced - marched)) < 0.005 * marched.mean()
-        assert np.corrcoef(sliced.ravel(), marched.ravel())[0, 1] > 0.9995
+        assert np.corrcoef(sliced.ravel(), marched.ravel())[0, 1] > 0.999
+    materials = MaterialProjector(patient.ct, voxel_mm=4.0)  # channels: soft tissue, mineral
+    marched, sliced = materials.render(pose, intrinsics), materials.render_by_slices(
+        pose, intrinsics)
+    assert sliced.shape == marched.shape == (2, 40, 40)
+    for channel in range(2):
+        assert np.corrcoef(sliced[channel].ravel(), marched[channel].ravel())[0, 1] > 0.999
 
 
 def test_crop_equals_simulation_with_cropped_intrinsics(simulator):

@@ -167,21 +167,21 @@ class DRRProjector:
         axis = int(np.argmax(np.abs(central)))
         column, row = [other for other in range(3) if other != axis]
         slices = self._slices(axis)  # (S, C, rows, columns)
+        # [column, row, 1] ~ homography @ [u, v, 1] where the ray of pixel (u, v) meets slice
+        # ``index``, at ``depth`` = index - source along the axis: linear in the depth
+        depths = np.arange(slices.shape[0]) - source[axis]
+        at_source = np.stack([source[column] * pixel_to_ray[axis],
+                              source[row] * pixel_to_ray[axis], pixel_to_ray[axis]])
+        per_depth = np.stack([pixel_to_ray[column], pixel_to_ray[row], np.zeros(3)])
+        homographies = at_source + depths[:, None, None] * per_depth
         image = np.zeros((slices.shape[1], height, width), np.float32)
-        for index in range(slices.shape[0]):
-            if (index - source[axis]) * central[axis] <= 0:
-                continue  # behind the source
-            depth = index - source[axis]
-            # [column, row, 1] ~ homography @ [u, v, 1] where the ray meets this slice
-            homography = np.stack([source[column] * pixel_to_ray[axis]
-                                   + depth * pixel_to_ray[column],
-                                   source[row] * pixel_to_ray[axis] + depth * pixel_to_ray[row],
-                                   pixel_to_ray[axis]])
-            for channel, plane in enumerate(slices[index]):
-                image[channel] += cv2.warpPerspective(
-                    plane, homography, (width, height),
-                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        in_front = np.flatnonzero(depths * central[axis] > 0)  # slices before the source
+        for channel, total in enumerate(image):
+            planes = slices[:, channel]
+            for index in in_front:
+                total += cv2.warpPerspective(planes[index], homographies[index], (width, height),
+                                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         pixels = pixel_centers(width, height).reshape(-1, 2)
         directions = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ (
             rotation.T @ np.linalg.inv(intrinsics.K)).T
