@@ -56,7 +56,7 @@ POLISH_ITERATIONS = 2
 # LM iterations both image polarities take at the coarsest level before the better one goes on.
 POLARITY_TRIAL_ITERATIONS = 2
 # Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``).
-TRACKING_ITERATIONS = (0, 1)
+TRACKING_ITERATIONS = (1, 2)
 # Probes of the optimum's sharpness: (parameter index, offset) in mm-like units; depth (z) is
 # probed farther, being the weak direction.
 DEPTH_PROBE_MM = 10.0
