@@ -115,7 +115,7 @@ class RegistrationConfig:
         'ngf', 'image similarity the intensity refinement maximises and the intensity '
         'gates judge (refine.SIMILARITIES)', choices=tuple(refine.SIMILARITIES), live=True)
     refine_time_budget_s: float = setting(
-        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 2-4 s on '
+        60.0, 'time budget of the intensity refinement (s): its fixed schedule takes 0.4-0.8 s on '
         '2 CPU cores; one that cannot finish in time is rejected, never cut short',
         limits=(0.0, 600.0), live=True)
     min_ncc: float = setting(
