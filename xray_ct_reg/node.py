@@ -26,7 +26,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -388,9 +388,7 @@ def main(args=None) -> int:
         node = RegistrationNode()
         executor.add_node(node)
         node.start()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        ros_io.spin_until_shutdown(executor)
     finally:
         if node is not None:
             node.stop()

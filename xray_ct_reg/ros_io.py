@@ -15,6 +15,8 @@ import sys
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
 import numpy as np
+from rclpy.executors import ExternalShutdownException
+from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
@@ -76,6 +78,23 @@ def select_transport_profile():
 
 
 # ----------------------------------------------------------------------------- parameters
+def spin_until_shutdown(executor):
+    """Spin ``executor`` until SIGINT, SIGTERM or an external shutdown: all a clean stop.
+
+    rclpy's signal handler shuts the context down. The executor usually notices at its next
+    turn (ExternalShutdownException); when the signal lands while it builds its wait set it
+    fails with RCLError on the invalid context instead. That is a stop too; an RCLError while
+    the context is valid propagates.
+    """
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except rclpy_implementation.RCLError:
+        if executor.context.ok():
+            raise
+
+
 def parameter_descriptor(spec):
     """ParameterDescriptor of a setting: description, range, choices, read-only unless live."""
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor

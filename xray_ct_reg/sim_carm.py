@@ -15,7 +15,7 @@ import sys
 from geometry_msgs.msg import PoseStamped
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -194,14 +194,15 @@ def main(args=None) -> int:
     ros_io.select_transport_profile()
     rclpy.init(args=args)
     node = None
+    executor = SingleThreadedExecutor()
     try:
         node = SimulatedCarm()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        executor.add_node(node)
+        ros_io.spin_until_shutdown(executor)
     finally:
         if node is not None:
             node.destroy_node()
+        executor.shutdown()
         if rclpy.ok():
             rclpy.shutdown()
     return 0
