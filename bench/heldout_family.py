@@ -187,13 +187,11 @@ def _perturbed(pose, centre_ct, rng):
     """A close start: ``pose`` moved 5-15 mm and turned 2-5 deg about ``centre_ct``."""
     axis = rng.normal(size=3)
     direction = rng.normal(size=3)
-    rotation = geometry.pose_from_rotvec(
-        axis / np.linalg.norm(axis) * np.radians(rng.uniform(2.0, 5.0)), np.zeros(3))
+    rotvec = axis / np.linalg.norm(axis) * np.radians(rng.uniform(2.0, 5.0))
     centre = geometry.transform_points(pose, np.asarray(centre_ct).reshape(1, 3))[0]
-    to_centre = geometry.make_pose(np.eye(3), -centre)
-    back = geometry.make_pose(
-        np.eye(3), centre + direction / np.linalg.norm(direction) * rng.uniform(5.0, 15.0))
-    return geometry.compose(back, rotation, to_centre, pose)
+    shift = geometry.make_pose(
+        np.eye(3), direction / np.linalg.norm(direction) * rng.uniform(5.0, 15.0))
+    return geometry.compose(shift, geometry.rotation_about(rotvec, centre), pose)
 
 
 def _refine_from(registrar, case, start):

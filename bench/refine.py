@@ -41,9 +41,7 @@ def start_pose(truth, centre_ct, kind, size, rng):
     if kind == 'translation':
         return geometry.compose(geometry.make_pose(np.eye(3), size * direction), truth)
     centre = geometry.transform_points(truth, np.asarray(centre_ct).reshape(1, 3))[0]
-    rotation = geometry.pose_from_rotvec(np.radians(size) * direction, np.zeros(3))
-    return geometry.compose(geometry.make_pose(np.eye(3), centre), rotation,
-                            geometry.make_pose(np.eye(3), -centre), truth)
+    return geometry.compose(geometry.rotation_about(np.radians(size) * direction, centre), truth)
 
 
 def views(patient, n):

@@ -32,6 +32,16 @@ def test_inverse_and_composition():
     assert not g.is_rigid(np.diag([1.0, 1.0, -1.0, 1.0]))
 
 
+def test_rotation_about_a_point_keeps_it_and_turns_the_rest():
+    centre, rotvec = np.array([10.0, -20.0, 300.0]), np.radians([0.0, 0.0, 30.0])
+    turn = g.rotation_about(rotvec, centre)
+    np.testing.assert_allclose(g.transform_points(turn, centre[None])[0], centre, atol=1e-9)
+    moved = g.transform_points(turn, (centre + [10.0, 0.0, 0.0])[None])[0]
+    np.testing.assert_allclose(moved - centre, [10.0 * np.cos(np.pi / 6),
+                                                10.0 * np.sin(np.pi / 6), 0.0], atol=1e-9)
+    assert g.rotation_error_deg(turn, np.eye(4)) == pytest.approx(30.0)
+
+
 def test_point_projected_then_backprojected_lies_on_its_ray():
     intrinsics = g.default_intrinsics(128)
     pose = g.carm_pose(np.array([5.0, 10.0, -40.0]), lao_deg=30, cranial_deg=-15, inplane_deg=10)

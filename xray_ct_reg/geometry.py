@@ -65,6 +65,13 @@ def pose_from_rotvec(rotvec, translation):
     return make_pose(rotation, translation)
 
 
+def rotation_about(rotvec, centre):
+    """The pose that turns by ``rotvec`` (axis-angle, radians) about the point ``centre``."""
+    centre = np.asarray(centre, dtype=float).reshape(3)
+    return compose(make_pose(np.eye(3), centre), pose_from_rotvec(rotvec, np.zeros(3)),
+                   make_pose(np.eye(3), -centre))
+
+
 def pose_to_rotvec(pose):
     """Split a pose into (rotvec [rad], translation), the OpenCV rvec/tvec pair."""
     return Rotation.from_matrix(pose[:3, :3]).as_rotvec(), pose[:3, 3].copy()

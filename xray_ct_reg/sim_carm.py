@@ -94,9 +94,7 @@ def sample_poses(patient, count, seed=0, motion='none'):
     poses = []
     for index in range(int(count)):
         if motion == 'rotation':
-            turn = geometry.pose_from_rotvec([0.0, 0.0, np.radians(step * index)], np.zeros(3))
-            move = geometry.compose(geometry.make_pose(np.eye(3), centre), turn,
-                                    geometry.make_pose(np.eye(3), -centre))
+            move = geometry.rotation_about([0.0, 0.0, np.radians(step * index)], centre)
         else:
             move = geometry.make_pose(np.eye(3), [0.0, 0.0, step * index])
         poses.append(geometry.compose(first, move))
