@@ -160,7 +160,8 @@ class DRRProjector:
         pose = np.asarray(pose, dtype=float)
         rotation, translation = pose[:3, :3], pose[:3, 3]
         # pixel [u, v, 1] -> ray direction in index space; the source in index space
-        pixel_to_ray = self._physical_to_index @ rotation.T @ np.linalg.inv(intrinsics.K)
+        k_inverse = np.linalg.inv(intrinsics.K)
+        pixel_to_ray = self._physical_to_index @ rotation.T @ k_inverse
         source = self._physical_to_index @ (-rotation.T @ translation - self._origin)
         width, height = intrinsics.width, intrinsics.height
         central = pixel_to_ray @ [(width - 1) / 2.0, (height - 1) / 2.0, 1.0]
@@ -182,11 +183,12 @@ class DRRProjector:
                 total += cv2.warpPerspective(planes[index], homographies[index], (width, height),
                                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        # a ray's length (mm) per slice: its direction's length in mm (a rotation keeps it) over
+        # its step along the axis in index units
         pixels = pixel_centers(width, height).reshape(-1, 2)
-        directions = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ (
-            rotation.T @ np.linalg.inv(intrinsics.K)).T
-        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        mm_per_slice = 1.0 / np.abs(directions @ self._physical_to_index[axis])
+        homogeneous = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1)
+        mm_per_slice = (np.linalg.norm(homogeneous @ k_inverse.T, axis=1)
+                        / np.abs(homogeneous @ pixel_to_ray[axis]))
         image *= mm_per_slice.reshape(height, width).astype(np.float32)
         return image[0] if len(image) == 1 else image
 

@@ -7,19 +7,19 @@ Levenberg-Marquardt. Each similarity is a mean of dot products of unit feature v
 (``FEATURES``), so maximising one is least squares on the feature residual
 (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the 6 parameters comes from
 forward differences (6 extra renders, no autograd) and is then carried along by Broyden updates
-for a few iterations. The perturbation
-rotates about a centre point (the bone centroid when given) so that rotation and translation are
-decoupled: ``p' = exp([dr]) (p - c) + c + dt`` in the imager frame, with ``dr`` scaled by
-``RADIUS_MM`` so one unit of either parameter moves the bone by about a millimetre. Each level
-renders from its own volume (coarser voxels at the coarser level, resampled once per CT).
+for a few iterations. The perturbation rotates about a centre point (the bone centroid when
+given) so that rotation and translation are decoupled: ``p' = exp([dr]) (p - c) + c + dt`` in
+the imager frame, with ``dr`` scaled by ``RADIUS_MM`` so one unit of either parameter moves the
+bone by about a millimetre. Each level renders from its own volume (coarser voxels at the
+coarser level, resampled once per CT).
 
 The schedule is fixed (iteration counts, not wall-clock stopping), so a result never depends on
 the machine's load; a refinement that cannot finish in its time budget reports ``finished`` False
 and the registrar rejects the frame.
 
-Only exposed pixels count (``exposed_mask``): collimator shutters
-and detector saturation give flat regions at an end of the grey range that carry no anatomy.
-The coarse level's blur is taken over exposed pixels only, so a shutter edge does not bleed in.
+Only exposed pixels count (``exposed_mask``): collimator shutters and detector saturation give
+flat regions at an end of the grey range that carry no anatomy. The coarse level's blur is taken
+over exposed pixels only, so a shutter edge does not bleed in.
 
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
 signs take a few iterations at the coarsest level and the better one goes on. After the levels a
@@ -74,8 +74,8 @@ FLAT_EXTREME = 0.15
 class RefineInfo:
     """What a refinement did; ``gates.intensity_gates`` judges it.
 
-    Similarity values (fields ``ncc_*``: of the chosen ``similarity``, NCC or gradient
-    correlation) are at the finest level over its exposed pixels (NaN when not computed).
+    Similarity values (fields ``ncc_*``: of the chosen ``similarity``, one of ``FEATURES``)
+    are at the finest level over its exposed pixels (NaN when not computed).
     """
 
     exposed_fraction: float           # fraction of the finest level that shows anatomy
@@ -232,6 +232,14 @@ class _Level:
     blur_px: float
     target_features: list = None
 
+    def __post_init__(self):
+        self._weight = self.exposed.double()
+        if self.blur_px > 0:  # the normalised convolution's denominator, the same every render
+            self._blurred_weight = self._blur(self._weight).clamp_min(1e-6)
+
+    def _blur(self, image):
+        return gaussian_blur(image[None], self.blur_px, mode='replicate')[0]
+
     def features(self, image, measure):
         """The level's features of ``image``, first blurred by ``blur_px`` over exposed pixels.
 
@@ -239,10 +247,7 @@ class _Level:
         so a collimator edge outside the mask does not bleed into the exposed pixels.
         """
         if self.blur_px > 0:
-            weight = self.exposed.to(image.dtype)
-            both = gaussian_blur(torch.stack([image * weight, weight]), self.blur_px,
-                                 mode='replicate')
-            image = both[0] / both[1].clamp_min(1e-6)
+            image = self._blur(image * self._weight) / self._blurred_weight
         return FEATURES[measure](image, self.exposed)
 
 
