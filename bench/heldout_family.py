@@ -196,16 +196,10 @@ def _perturbed(pose, centre_ct, rng):
 
 def _refine_from(registrar, case, start):
     """Refine from ``start`` and judge with the registrar's intensity gates (a Result)."""
-    from xray_ct_reg import refine
-    from xray_ct_reg.gates import intensity_gates
-    from xray_ct_reg.register import Result
-    config = registrar.config
-    pose, info = refine.refine_pose(registrar.projector, case['image'], case['intrinsics'],
-                                    start, time_budget_s=config.refine_time_budget_s,
-                                    centre_ct=registrar.bone_centroid,
-                                    similarity=config.similarity)
-    accepted, reason = intensity_gates(pose, info, case['intrinsics'], registrar.bone_centroid,
-                                       config)
+    from xray_ct_reg.register import Result, refine_and_judge
+    pose, info, accepted, reason = refine_and_judge(
+        registrar.projector, case['image'], case['intrinsics'], start, registrar.bone_centroid,
+        registrar.config)
     return Result(pose=pose, accepted=accepted, reason=reason, scr_pose=start, refinement=info,
                   timings_ms={'total': info.time_s * 1e3})
 

@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 import heldout_family  # noqa: E402
 
 from xray_ct_reg import ct, evaluate, geometry, refine, simulate, xray_physics  # noqa: E402
-from xray_ct_reg.gates import intensity_gates  # noqa: E402
-from xray_ct_reg.register import RegistrationConfig  # noqa: E402
+from xray_ct_reg.register import RegistrationConfig, refine_and_judge  # noqa: E402
 
 TRANSLATIONS_MM = (5.0, 10.0, 20.0, 40.0, 80.0)
 ROTATIONS_DEG = (2.0, 5.0, 10.0)
@@ -73,12 +72,10 @@ def main():
         for kind, size in starts:
             start = start_pose(case['pose'], patient.bone_centroid, kind, size, rng)
             tick = time.perf_counter()
-            pose, info = refine.refine_pose(projectors, case['image'], case['intrinsics'], start,
-                                            centre_ct=patient.bone_centroid,
-                                            similarity=config.similarity)
+            pose, info, accepted, _ = refine_and_judge(
+                projectors, case['image'], case['intrinsics'], start, patient.bone_centroid,
+                config)
             seconds = time.perf_counter() - tick
-            accepted, _ = intensity_gates(pose, info, case['intrinsics'], patient.bone_centroid,
-                                          config)
             error = float(geometry.mtre(pose, case['pose'], patient.targets))
             records.append({'family': family, 'view': case['index'], 'kind': kind,
                             'size': size, 'mtre_mm': error, 'accepted': bool(accepted),

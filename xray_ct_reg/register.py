@@ -321,8 +321,9 @@ class Registrar:
 
         if prior_pose is not None and self.projector is not None:
             tick = time.perf_counter()
-            pose, info, accepted, _ = self._refine(image, intrinsics, prior_pose, config,
-                                                   refine.TRACKING_ITERATIONS)
+            pose, info, accepted, _ = refine_and_judge(
+                self.projector, image, intrinsics, prior_pose, self.bone_centroid, config,
+                refine.TRACKING_ITERATIONS)
             timings['tracking'] = 1e3 * (time.perf_counter() - tick)
             if accepted:
                 timings['total'] = 1e3 * (time.perf_counter() - start)
@@ -375,8 +376,8 @@ class Registrar:
                 return rejected(f'PnP start: {reason}', **fields)
             tick = time.perf_counter()
             fields['scr_pose'] = pose
-            fields['pose'], fields['refinement'], accepted, reason = self._refine(
-                image, intrinsics, pose, config)
+            fields['pose'], fields['refinement'], accepted, reason = refine_and_judge(
+                self.projector, image, intrinsics, pose, self.bone_centroid, config)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
         else:
             accepted, reason = quality_gates(pose, fields['inlier_count'],
@@ -388,18 +389,22 @@ class Registrar:
         return Result(accepted=True, timings_ms=timings, **fields)
 
 
-    def _refine(self, image, intrinsics, start_pose, config, iterations=None):
-        """Intensity refinement from ``start_pose``, judged: (pose, info, accepted, reason).
+def refine_and_judge(projectors, image, intrinsics, start_pose, bone_centroid, config,
+                     iterations=None):
+    """Intensity refinement from ``start_pose`` as ``config`` sets it, judged by its gates.
 
-        With ``iterations`` (tracking) the start is taken as close (``near_start``).
-        """
-        schedule = {} if iterations is None else {'iterations': iterations, 'near_start': True}
-        pose, info = refine.refine_pose(self.projector, image, intrinsics, start_pose,
-                                        time_budget_s=config.refine_time_budget_s,
-                                        centre_ct=self.bone_centroid,
-                                        similarity=config.similarity, **schedule)
-        accepted, reason = intensity_gates(pose, info, intrinsics, self.bone_centroid, config)
-        return pose, info, accepted, reason
+    ``projectors``: ``refine.level_projectors`` of the CT; ``bone_centroid`` (CT mm) is the
+    rotation centre and the pose gates' reference. With ``iterations`` (tracking) the start is
+    taken as close (``refine_pose``'s ``near_start``). Returns (pose, ``refine.RefineInfo``,
+    accepted, reason).
+    """
+    schedule = {} if iterations is None else {'iterations': iterations, 'near_start': True}
+    pose, info = refine.refine_pose(projectors, image, intrinsics, start_pose,
+                                    time_budget_s=config.refine_time_budget_s,
+                                    centre_ct=bone_centroid, similarity=config.similarity,
+                                    **schedule)
+    accepted, reason = intensity_gates(pose, info, intrinsics, bone_centroid, config)
+    return pose, info, accepted, reason
 
 
 # ----------------------------------------------------------------------------- CLI
