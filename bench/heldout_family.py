@@ -24,7 +24,7 @@ It prints per group (full, local, extreme) the fraction accepted, accepted media
 accepted gross failures, for SCR only, with intensity refinement from the SCR pose, and with the
 refinement alone started 5-15 mm / 2-5 deg from the truth (the similarity and its gate on this
 appearance, apart from the network); writes
-bench/results/heldout_family.json and a plot of the gate score (NCC) against mTRE,
+bench/results/heldout_family.json and a plot of the gate score (the similarity) against mTRE,
 bench/results/heldout_family.png, and a contact sheet of the views.
 """
 import argparse

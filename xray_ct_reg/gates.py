@@ -6,7 +6,8 @@
 * ``quality_gates`` (SCR only): the correspondences support the PnP pose (inlier count, ratio,
   spread over the image, reprojection error), then ``pose_gates``;
 * ``intensity_gates`` (with refinement): the refinement finished its schedule, enough of the
-  image is exposed, X-ray and DRR agree (NCC) and peak in depth, then ``pose_gates``.
+  image is exposed, X-ray and DRR reach a floor of similarity, peak in depth and form a sharp
+  optimum, then ``pose_gates``.
 
 ``config`` is a ``register.RegistrationConfig``; pixel values are at its reference detector.
 A pose failing any gate is never published.
