@@ -179,3 +179,28 @@ def test_ngf_counts_a_strong_edge_like_any_other():
     assert float(refine.similarity('gradient_ncc', a, stepped)) < 0.7
     assert float(refine.similarity('ngf', a, torch.sigmoid(8.0 * (a - 0.5)))) > 0.95
     assert float(refine.similarity('ngf', a, -a)) == pytest.approx(-1.0)
+
+
+def test_a_crop_of_the_detector_turns_and_probes_depth_about_what_it_shows():
+    """A crop that misses the bone centroid turns about a point in what it shows.
+
+    That point lies on the ray through the exposed pixels, at the centroid's depth; depth probes
+    move along that ray.
+    """
+    full = geometry.default_intrinsics(64)
+    crop = full.crop(44, 40, 20, 24)  # the lower right corner: the optical axis is outside
+    pose = geometry.carm_pose(np.zeros(3))
+    centroid = np.zeros(3)  # projects at the principal point, outside the crop
+    mask = np.zeros((24, 20), dtype=bool)
+    mask[4:20, 2:18] = True  # exposed pixels centred at (9.5, 11.5)
+    centre = refine._view_centre(pose, centroid, mask, crop)
+    u, v = (crop.K @ (centre / centre[2]))[:2]
+    assert u == pytest.approx(9.5) and v == pytest.approx(11.5)
+    assert centre[2] == pytest.approx(geometry.transform_points(pose, centroid[None])[0, 2])
+    # when the centroid is in view it is the centre itself
+    centred = refine._view_centre(pose, centroid, np.ones((64, 64), dtype=bool), full)
+    np.testing.assert_allclose(centred, geometry.transform_points(pose, centroid[None])[0])
+    frame = refine._beam_frame(torch.as_tensor(centre))
+    np.testing.assert_allclose(frame.T @ frame, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(frame[:, 2].numpy(), centre / np.linalg.norm(centre))
+    assert abs(float(frame[2, 2])) < 0.999  # not the optical axis: a crop's beam is oblique

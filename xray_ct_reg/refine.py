@@ -7,8 +7,10 @@ Levenberg-Marquardt. Each similarity is a mean of dot products of unit feature v
 (``FEATURES``), so maximising one is least squares on the feature residual
 (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the 6 parameters comes from
 forward differences (6 extra renders, no autograd) and is then carried along by Broyden updates
-for a few iterations. The perturbation rotates about a centre point (the bone centroid when
-given) so that rotation and translation are decoupled: ``p' = exp([dr]) (p - c) + c + dt`` in
+for a few iterations. The perturbation rotates about a centre point in the middle of the
+anatomy in view (the bone centroid, or for a crop of the detector that does not show it, a point
+at its depth on the ray through the exposed pixels) so that rotation and translation are
+decoupled there: ``p' = exp([dr]) (p - c) + c + dt`` in
 the imager frame, with ``dr`` scaled by ``RADIUS_MM`` so one unit of either parameter moves the
 bone by about a millimetre. Each level renders from its own volume (coarser voxels at the
 coarser level, resampled once per CT).
@@ -23,8 +25,9 @@ over exposed pixels only, so a shutter edge does not bleed in.
 
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
 signs take a few iterations at the coarsest level and the better one goes on. After the levels a
-line search along the beam (the weak direction of one view) and a polish; then probes a few mm
-and degrees away in every direction measure how sharp the optimum is (``RefineInfo.sharpness``):
+line search along the beam through the centre (the weak direction of one view) and a polish;
+then probes a few mm and degrees away in every direction, depth along that beam, measure how
+sharp the optimum is (``RefineInfo.sharpness``):
 relative evidence that transfers across appearance, where the similarity's level does not.
 """
 from dataclasses import dataclass, replace
@@ -57,8 +60,10 @@ POLISH_ITERATIONS = 2
 POLARITY_TRIAL_ITERATIONS = 2
 # Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``).
 TRACKING_ITERATIONS = (1, 2)
-# Probes of the optimum's sharpness: (parameter index, offset) in mm-like units; depth (z) is
-# probed farther, being the weak direction.
+# Probes of the optimum's sharpness: (axis, offset) in mm-like units. Axes 0-2 translate
+# across the beam and along it (depth, through the rotation centre: the image's middle, not the
+# optical axis, which for a crop of the detector lies outside it), 3-5 rotate about imager x, y,
+# z. Depth is probed farther, being the weak direction.
 DEPTH_PROBE_MM = 10.0
 SHARPNESS_PROBES = tuple((axis, sign * size) for axis, size in
                          ((0, 4.0), (1, 4.0), (2, DEPTH_PROBE_MM), (3, 5.0), (4, 5.0), (5, 5.0))
@@ -86,7 +91,7 @@ class RefineInfo:
     polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
     improved: bool = False            # the returned pose is the refined one (else the start)
     finished: bool = True             # the fixed schedule ran to its end within the budget
-    covariance: np.ndarray | None = None  # (6, 6) diagonal, x y z rx ry rz (mm, rad), imager
+    covariance: np.ndarray | None = None  # (6, 6) x y z rx ry rz (mm, rad), imager frame
     iterations: int = 0               # LM iterations taken
     renders: int = 0                  # DRRs rendered
     time_s: float = 0.0               # wall-clock time of the refinement
@@ -363,6 +368,39 @@ def _along_beam(pose, centre_imager, offset_mm):
     return moved
 
 
+def _view_centre(pose, centre_ct, mask, intrinsics):
+    """Rotation centre (imager mm) of the refinement: the middle of the anatomy in view.
+
+    ``centre_ct`` under ``pose`` when it projects into the image ``mask`` covers, else (a crop
+    of the detector) the point at its depth (z) on the ray through the exposed pixels' centroid
+    (the image centre when none is exposed); 620 mm from the source on the optical axis without
+    ``centre_ct``.
+    """
+    if centre_ct is None:
+        centre = np.array([0.0, 0.0, geometry.CIOS_FUSION_SOURCE_TO_ISOCENTER_MM])
+    else:
+        centre = geometry.transform_points(pose, np.reshape(centre_ct, (1, 3)))[0]
+    column, row = np.round(intrinsics.K[:2] @ (centre / centre[2])).astype(int)
+    if 0 <= row < mask.shape[0] and 0 <= column < mask.shape[1]:
+        return centre
+    rows, columns = np.nonzero(mask)
+    pixel = ([columns.mean(), rows.mean()] if len(rows) else
+             [(intrinsics.width - 1) / 2.0, (intrinsics.height - 1) / 2.0])
+    return np.linalg.solve(intrinsics.K, [pixel[0], pixel[1], 1.0]) * centre[2]
+
+
+def _beam_frame(centre_imager):
+    """(3, 3) orthonormal columns: across the beam through ``centre_imager``, twice, and along it.
+
+    The first is closest to imager x; the last points away from the source.
+    """
+    beam = centre_imager / centre_imager.norm()
+    across = torch.tensor([1.0, 0.0, 0.0], dtype=beam.dtype)
+    across = across - (across @ beam) * beam
+    across = across / across.norm()
+    return torch.stack([across, torch.linalg.cross(beam, across), beam], dim=1)
+
+
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
                 levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='ngf',
                 near_start=False):
@@ -370,8 +408,9 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
 
     ``projector`` is a ``drr.DRRProjector`` or one per level (``level_projectors``);
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the LM iterations
-    per level. ``centre_ct`` (CT mm) is the rotation centre (default: the point 620 mm along the
-    central ray). ``similarity`` names the measure maximised and reported (FEATURES; the
+    per level. The rotation centre is ``centre_ct`` (CT mm) when it projects into the image,
+    else on the ray through the middle of the exposed pixels at its depth (``_view_centre``).
+    ``similarity`` names the measure maximised and reported (FEATURES; the
     ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
     polarity is the similarity's sign at the start and there is no depth line search.
     Returns (pose, ``RefineInfo``).
@@ -385,15 +424,11 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
         levels)
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
-    if centre_ct is None:
-        centre_imager = torch.tensor([0.0, 0.0, geometry.CIOS_FUSION_SOURCE_TO_ISOCENTER_MM],
-                                     dtype=torch.float64)
-    else:
-        centre_imager = torch.as_tensor(geometry.transform_points(pose, centre_ct)[0])
     # The exposed mask is found at the finest level, so its window means the same at any input.
     finest_image, finest_input = model.resize_for_network(
         image, intrinsics, _level_size(intrinsics, levels[-1]))
     mask = exposed_mask(finest_image)
+    centre_imager = torch.as_tensor(_view_centre(pose, centre_ct, mask, finest_input))
     blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
         (LEVEL_BLUR_PX[0],) * (len(levels) - 1) + (0.0,))
     targets = [_make_level(level_projector, finest_image, mask, finest_input, size, similarity,
@@ -452,26 +487,33 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
+    frame = _beam_frame(beam_centre)
     probes = {}
     for axis, offset in SHARPNESS_PROBES:
         change = zero.clone()
-        change[axis] = offset
+        if axis < 3:
+            change[:3] = offset * frame[:, axis]
+        else:
+            change[axis] = offset
         probes[(axis, offset)] = score(refined, beam_centre, change)
     depth = max(value for (axis, _), value in probes.items() if axis == 2)
     residuals = sum(len(feature) for feature in finest.target_features)
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
                          sharpness=final - max(probes.values()), polarity=polarity,
-                         improved=improved, covariance=_covariance(probes, final, residuals))
+                         improved=improved,
+                         covariance=_covariance(probes, final, residuals, frame.numpy()))
 
 
-def _covariance(probes, similarity, residuals):
-    """Diagonal pose covariance from the similarity's curvature at the sharpness probes.
+def _covariance(probes, similarity, residuals, frame):
+    """Pose covariance (imager x y z, rx ry rz) from the similarity's curvature at the probes.
 
     Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over ``residuals``
-    elements): along each parameter the cost's curvature is ``2 * k`` with ``k`` the similarity's
-    drop over the probes (second difference), and the residual variance is the final cost per
-    degree of freedom; variance = that / k. Rotations are converted from the mm-like
-    parameters to radians. A direction without a drop gets a huge variance.
+    elements): along each probed axis the cost's curvature is ``2 * k`` with ``k`` the
+    similarity's drop over the probes (second difference), and the residual variance is the
+    final cost per degree of freedom; variance = that / k. The translation variances, along the
+    columns of ``frame`` (``_beam_frame``), are turned into the imager frame; rotations are
+    converted from the mm-like parameters to radians. A direction without a drop gets a huge
+    variance.
     """
     noise = max(2.0 - 2.0 * similarity, 1e-12) / max(residuals - 6, 1)
     variances = []
@@ -480,4 +522,6 @@ def _covariance(probes, similarity, residuals):
         curvature = (2.0 * similarity - minus - plus) / offset ** 2
         variance = noise / curvature if curvature > 0 else 1e6
         variances.append(variance / (RADIUS_MM ** 2 if axis >= 3 else 1.0))
-    return np.diag(variances)
+    covariance = np.diag(variances)
+    covariance[:3, :3] = frame @ covariance[:3, :3] @ frame.T
+    return covariance

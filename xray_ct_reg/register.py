@@ -142,7 +142,8 @@ class Result:
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
     relative confidence, not as a calibrated error bound. With intensity refinement it is still
     the PnP stage's (the refined pose is usually far better); a tracked pose (``tracked``) has
-    the refinement's, diagonal, from the similarity's curvature. ``inlier_spread`` is the gate's
+    the refinement's, from the similarity's curvature (diagonal across and along the beam, and
+    in the rotations). ``inlier_spread`` is the gate's
     measure of how the inlier pixels cover the image. With intensity refinement,
     ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
     """
