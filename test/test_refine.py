@@ -84,8 +84,14 @@ def test_refinement_of_a_blank_image_keeps_the_pose(patient):
     from xray_ct_reg import drr
     projector = drr.DRRProjector(patient.ct)
     start = geometry.carm_pose(patient.bone_centroid)
-    refined, info = refine.refine_pose(projector, np.zeros((64, 64)),
-                                       geometry.default_intrinsics(64), start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        refined, info = refine.refine_pose(projector, np.zeros((64, 64)),
+                                           geometry.default_intrinsics(64), start)
+        assert torch.get_num_threads() == 2  # the refinement's one thread is given back
+    finally:
+        torch.set_num_threads(threads)
     np.testing.assert_array_equal(refined, start)
     assert not info.improved and info.exposed_fraction == 0.0
     assert not np.isfinite(info.ncc_after)

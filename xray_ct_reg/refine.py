@@ -30,6 +30,7 @@ then probes a few mm and degrees away in every direction, depth along that beam,
 sharp the optimum is (``RefineInfo.sharpness``):
 relative evidence that transfers across appearance, where the similarity's level does not.
 """
+import contextlib
 from dataclasses import dataclass, replace
 import time
 
@@ -401,6 +402,21 @@ def _beam_frame(centre_imager):
     return torch.stack([across, torch.linalg.cross(beam, across), beam], dim=1)
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Run torch on one thread inside (restored after).
+
+    The refinement's tensors hold a few thousand elements; a second OpenMP thread only spins
+    against OpenCV's warps (measured: twice as slow with 2 threads as with 1).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
                 levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='ngf',
                 near_start=False):
@@ -420,7 +436,18 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     ``finished`` False: a frame to reject, never a truncated optimisation.
     """
     started = time.perf_counter()
-    clock = _Clock(started + time_budget_s)
+    with _one_torch_thread():
+        refined, info, clock = _refine(projector, image, intrinsics, pose, started + time_budget_s,
+                                       levels, iterations, centre_ct, similarity, near_start)
+    info.iterations, info.renders = clock.iterations, clock.renders
+    info.time_s = time.perf_counter() - started
+    return refined.numpy(), info
+
+
+def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, centre_ct,
+            similarity, near_start):
+    """``refine_pose``'s work: (refined pose tensor, ``RefineInfo``, its ``_Clock``)."""
+    clock = _Clock(deadline)
     projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
         levels)
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
@@ -443,9 +470,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
             info = replace(info, **scores)
         except BudgetExceeded:
             info.finished = False
-    info.iterations, info.renders = clock.iterations, clock.renders
-    info.time_s = time.perf_counter() - started
-    return refined.numpy(), info
+    return refined, info, clock
 
 
 def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_start):
@@ -471,13 +496,15 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     for index, (level, count) in enumerate(zip(levels, iterations, strict=True)):
         remaining = count - (trial_iterations if index == 0 else 0)
         objective = _Objective(level, pose0, centre_imager, polarity, measure, clock)
-        delta, _ = _levenberg_marquardt(objective, delta, max(remaining, 0))
+        delta, cost = _levenberg_marquardt(objective, delta, max(remaining, 0))
     candidate = _perturbed_pose(pose0, delta, centre_imager)
-    # depth: line search along the beam (not from a close start), then a polish
+    # depth: line search along the beam (not from a close start), then a polish; the last
+    # level is the finest, so its final cost is the similarity at offset 0
     beam_centre = candidate[:3, :3] @ (
         torch.linalg.solve(pose0[:3, :3], centre_imager - pose0[:3, 3])) + candidate[:3, 3]
-    ncc_after, best_offset = max((score(_along_beam(candidate, beam_centre, offset)), offset)
-                                 for offset in ((0.0,) if near_start else DEPTH_SEARCH_MM))
+    ncc_after, best_offset = max(
+        (score(_along_beam(candidate, beam_centre, offset)) if offset else 1.0 - 0.5 * cost,
+         offset) for offset in ((0.0,) if near_start else DEPTH_SEARCH_MM))
     if best_offset:
         candidate = _along_beam(candidate, beam_centre, best_offset)
         objective = _Objective(finest, candidate, beam_centre, polarity, measure, clock)
