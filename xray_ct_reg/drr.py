@@ -98,6 +98,7 @@ class DRRProjector:
         self.chunk_rays = 1024
         self.slab_slices = int(slab_slices)
         self._slice_stacks = {}  # axis -> the volume's slabs across it (render_by_slices)
+        self._pixel_grids = {}   # (width, height) -> homogeneous pixel centres
 
     def render(self, pose, intrinsics):
         """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct).
@@ -184,21 +185,32 @@ class DRRProjector:
         per_depth = np.stack([pixel_to_ray[column], pixel_to_ray[row], np.zeros(3)])
         homographies = at_source + depths[:, None, None] * per_depth
         image = np.zeros((slices.shape[1], height, width), np.float32)
+        warped = np.empty((height, width), np.float32)
         in_front = np.flatnonzero(depths * central[axis] > 0)  # slices before the source
+        # depths grow with the index, so the slabs in front form one run
+        in_front = slice(in_front.min(), in_front.max() + 1) if len(in_front) else slice(0, 0)
         for channel, total in enumerate(image):
-            planes = slices[:, channel]
-            for index in in_front:
-                total += cv2.warpPerspective(planes[index], homographies[index], (width, height),
-                                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+            for plane, homography in zip(slices[in_front, channel], homographies[in_front],
+                                         strict=True):
+                cv2.warpPerspective(plane, homography, (width, height), dst=warped,
+                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+                total += warped
         # a ray's length (mm) per slice: its direction's length in mm (a rotation keeps it) over
         # its step along the axis in index units
-        pixels = pixel_centers(width, height).reshape(-1, 2)
-        homogeneous = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1)
+        homogeneous = self._homogeneous_pixels(width, height)
         mm_per_slice = (np.linalg.norm(homogeneous @ k_inverse.T, axis=1)
                         / np.abs(homogeneous @ pixel_to_ray[axis]))
         image *= mm_per_slice.reshape(height, width).astype(np.float32)
         return image[0] if len(image) == 1 else image
+
+    def _homogeneous_pixels(self, width, height):
+        """(width * height, 3) pixel centres [u, v, 1] in row-major order, kept per size."""
+        if (width, height) not in self._pixel_grids:
+            pixels = pixel_centers(width, height).reshape(-1, 2)
+            self._pixel_grids[(width, height)] = np.concatenate(
+                [pixels, np.ones((len(pixels), 1))], axis=1)
+        return self._pixel_grids[(width, height)]
 
     def _slices(self, axis):
         """The volume as contiguous slabs across index ``axis`` (x=0, y=1, z=2), kept.

@@ -214,7 +214,10 @@ def _perturbed_pose(pose, delta, centre_imager):
     skew = torch.stack([torch.stack([torch.zeros_like(rx), -rz, ry]),
                         torch.stack([rz, torch.zeros_like(rx), -rx]),
                         torch.stack([-ry, rx, torch.zeros_like(rx)])])
-    rotation = torch.linalg.matrix_exp(skew)
+    angle = float(torch.sqrt(rx * rx + ry * ry + rz * rz))
+    rotation = torch.eye(3, dtype=skew.dtype) + (  # Rodrigues: exp of the skew matrix
+        skew if angle < 1e-12 else
+        np.sin(angle) / angle * skew + (1.0 - np.cos(angle)) / angle ** 2 * (skew @ skew))
     new_rotation = rotation @ pose[:3, :3]
     new_translation = rotation @ (pose[:3, 3] - centre_imager) + centre_imager + delta[:3]
     top = torch.cat([new_rotation, new_translation[:, None]], dim=1)
