@@ -10,6 +10,10 @@ The HU volume is resampled once onto a grid of about ``voxel_mm`` voxels (same d
 CT) and turned into linear attenuation (see ``hu_to_mu``), cropped to its non-zero box. Each
 pixel-centre ray is clipped to that box, sampled every ``step_mm`` (trilinear, ``grid_sample``)
 and summed times the step.
+
+``render_by_slices`` is the intensity refinement's renderer: not differentiable, 8-16x faster on
+a CPU. It samples every ray where it crosses the volume's slices (or slabs of ``slab_slices``
+summed slices) across the axis nearest the central ray, one OpenCV perspective warp per slab.
 """
 import cv2
 import numpy as np
