@@ -116,18 +116,31 @@ def collimator(rng, width, height):
     return leak + (1.0 - leak) * field, kind
 
 
-def render(projector, patient, pose, intrinsics, rng):
-    """A held-out-family X-ray of ``pose``: (uint16 image, metadata dict)."""
+# Parts of the recipe ``render`` can leave out (for ablations, bench/depth_bias.py): scatter and
+# the heel effect; collimator, implants and table; the window and LUT; unsharp masking; noise.
+ABLATIONS = ('scatter_heel', 'collimator_metal_table', 'window_lut', 'unsharp', 'noise')
+
+
+def render(projector, patient, pose, intrinsics, rng, without=()):
+    """A held-out-family X-ray of ``pose``: (uint16 image, metadata dict).
+
+    ``without`` names ABLATIONS to leave out; the random draws are the same either way, so an
+    ablated view pairs with the full one.
+    """
+    unknown = set(without) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f'unknown ablations {sorted(unknown)}; known: {ABLATIONS}')
     width, height = intrinsics.width, intrinsics.height
     soft, mineral = projector.render(pose, intrinsics)
     pixels = geometry.pixel_centers(width, height).reshape(-1, 2)
     source, directions = geometry.backproject_rays(pose, intrinsics.K, pixels)
     vertices = np.asarray(patient.mesh.vertices)
-    paths = {'water': soft, 'bone_mineral': mineral,
-             'carbon_fibre': table_path(source, directions,
-                                        vertices[:, 1].max() + 40.0).reshape(height, width)}
+    paths = {'water': soft, 'bone_mineral': mineral}
+    if 'collimator_metal_table' not in without:
+        paths['carbon_fibre'] = table_path(source, directions,
+                                           vertices[:, 1].max() + 40.0).reshape(height, width)
     metal = implants(rng, vertices)
-    for material, start, end, radius in metal:
+    for material, start, end, radius in ([] if 'collimator_metal_table' in without else metal):
         chord = _ray_cylinder_chord(source, directions, start, end, radius).reshape(height, width)
         paths[material] = paths.get(material, 0.0) + chord
     kvp, filtration = rng.uniform(60, 120), rng.uniform(2.5, 6.0)
@@ -138,24 +151,35 @@ def render(projector, patient, pose, intrinsics, rng):
     scatter = cv2.GaussianBlur(primary, (0, 0), rng.uniform(15, 40) / mm_per_px)
     heel = 1.0 + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, height)[:, None]
     transmission, collimation = collimator(rng, width, height)
+    if 'scatter_heel' in without:
+        scatter_ratio, heel = 0.0, 1.0
+    if 'collimator_metal_table' in without:
+        transmission = np.ones_like(transmission)
     signal = (primary + scatter_ratio * scatter * primary.mean() / max(scatter.mean(), 1e-12))
     signal = signal * heel * transmission
     photons = rng.choice([rng.uniform(300, 3000), rng.uniform(5e3, 4e4)])  # fluoro or spot
     counts = rng.poisson(signal / signal.max() * photons).astype(float)
+    if 'noise' in without:
+        counts = signal / signal.max() * photons
     counts = cv2.GaussianBlur(counts, (0, 0), rng.uniform(0.3, 1.0))
     log = -np.log(np.maximum(counts, 0.5) / photons)          # bright bone
     field = transmission > 0.5 * transmission.max()  # auto-window on the exposed field
     low, high = np.percentile(log[field] if field.any() else log,
                               [rng.uniform(0.5, 3), rng.uniform(97, 99.5)])
     x = np.clip((log - low) / max(high - low, 1e-9), 0.0, 1.0)
+    if 'window_lut' in without:
+        x = (log - log.min()) / max(np.ptp(log), 1e-9)
     if rng.random() < 0.5:
-        x = x ** rng.uniform(0.6, 1.5)
+        gamma = rng.uniform(0.6, 1.5)
+        x = x if 'window_lut' in without else x ** gamma
     else:
         slope = rng.uniform(4, 9)
-        x = 1.0 / (1.0 + np.exp(-slope * (x - 0.5)))
-        x = (x - x.min()) / max(x.max() - x.min(), 1e-9)
+        if 'window_lut' not in without:
+            x = 1.0 / (1.0 + np.exp(-slope * (x - 0.5)))
+            x = (x - x.min()) / max(x.max() - x.min(), 1e-9)
     radius = rng.uniform(0.03, 0.1) * max(width, height)
-    x = np.clip(x + rng.uniform(0.3, 1.5) * (x - cv2.GaussianBlur(x, (0, 0), radius)), 0, 1)
+    strength = rng.uniform(0.3, 1.5) * ('unsharp' not in without)
+    x = np.clip(x + strength * (x - cv2.GaussianBlur(x, (0, 0), radius)), 0, 1)
     polarity = 'bright_bone' if rng.random() < 0.5 else 'dark_bone'
     if polarity == 'dark_bone':
         x = 1.0 - x
@@ -166,8 +190,11 @@ def render(projector, patient, pose, intrinsics, rng):
                    'polarity': polarity, 'bits': bits}
 
 
-def test_set(patient, projector, n_per_group, size=128, seed=SEED, groups=GROUPS):
-    """Yield held-out cases: dicts with group, index, image, intrinsics, pose, recipe."""
+def test_set(patient, projector, n_per_group, size=128, seed=SEED, groups=GROUPS, without=()):
+    """Yield held-out cases: dicts with group, index, image, intrinsics, pose, recipe.
+
+    ``without``: ABLATIONS left out of every view (``render``).
+    """
     sampler = simulate.PoseSampler()
     vertices = np.asarray(patient.mesh.vertices)
     for group in groups:
@@ -178,7 +205,7 @@ def test_set(patient, projector, n_per_group, size=128, seed=SEED, groups=GROUPS
             intrinsics = geometry.default_intrinsics(size)
             if group == 'local':
                 intrinsics = simulate.local_view_intrinsics(intrinsics, rng)
-            image, recipe = render(projector, patient, pose, intrinsics, rng)
+            image, recipe = render(projector, patient, pose, intrinsics, rng, without)
             yield {'group': group, 'index': index, 'image': image, 'intrinsics': intrinsics,
                    'pose': pose, 'recipe': recipe}
 

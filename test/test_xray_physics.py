@@ -84,3 +84,19 @@ def test_heldout_family_is_varied_deterministic_and_unlike_training(patient, pro
     assert len({r['collimation'] for r in recipes}) >= 3
     assert sum(r['implants'] for r in recipes) > 0
     assert len({round(r['kvp']) for r in recipes}) > 6
+
+
+def test_heldout_ablations_leave_out_one_part_and_keep_the_draws(patient, projector):
+    full = list(heldout_family.test_set(patient, projector, 2, size=64, seed=5, groups=('full',)))
+    quiet = list(heldout_family.test_set(patient, projector, 2, size=64, seed=5, groups=('full',),
+                                         without=('noise',)))
+    for noisy, clean in zip(full, quiet, strict=True):
+        np.testing.assert_array_equal(noisy['pose'], clean['pose'])  # the same draws
+        assert noisy['recipe'] == clean['recipe']
+        assert not np.array_equal(noisy['image'], clean['image'])
+        # without quantum noise neighbouring pixels differ less
+        roughness = [np.abs(np.diff(case['image'].astype(float), axis=1)).mean()
+                     for case in (noisy, clean)]
+        assert roughness[1] < roughness[0]
+    with pytest.raises(ValueError, match='unknown ablations'):
+        list(heldout_family.test_set(patient, projector, 1, size=64, without=('dust',)))

@@ -422,12 +422,14 @@ def _one_torch_thread():
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
                 levels=(32, 64), iterations=(10, 4), centre_ct=None, similarity='ngf',
-                near_start=False):
+                near_start=False, blur_px=None):
     """Refine ``pose`` (T_imager_ct) by the similarity of ``image`` and DRRs, coarse to fine.
 
     ``projector`` is a ``drr.DRRProjector`` or one per level (``level_projectors``);
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the LM iterations
-    per level. The rotation centre is ``centre_ct`` (CT mm) when it projects into the image,
+    per level, ``blur_px`` the Gaussian blur (px) of both images per level (default: the last
+    values of ``LEVEL_BLUR_PX``; beyond its length, its first value and an unblurred finest
+    level). The rotation centre is ``centre_ct`` (CT mm) when it projects into the image,
     else on the ray through the middle of the exposed pixels at its depth (``_view_centre``).
     ``similarity`` names the measure maximised and reported (FEATURES; the
     ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
@@ -441,14 +443,15 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     started = time.perf_counter()
     with _one_torch_thread():
         refined, info, clock = _refine(projector, image, intrinsics, pose, started + time_budget_s,
-                                       levels, iterations, centre_ct, similarity, near_start)
+                                       levels, iterations, centre_ct, similarity, near_start,
+                                       blur_px)
     info.iterations, info.renders = clock.iterations, clock.renders
     info.time_s = time.perf_counter() - started
     return refined.numpy(), info
 
 
 def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, centre_ct,
-            similarity, near_start):
+            similarity, near_start, blurs):
     """``refine_pose``'s work: (refined pose tensor, ``RefineInfo``, its ``_Clock``)."""
     clock = _Clock(deadline)
     projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
@@ -459,8 +462,9 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
         image, intrinsics, _level_size(intrinsics, levels[-1]))
     mask = exposed_mask(finest_image)
     centre_imager = torch.as_tensor(_view_centre(pose, centre_ct, mask, finest_input))
-    blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
-        (LEVEL_BLUR_PX[0],) * (len(levels) - 1) + (0.0,))
+    if blurs is None:
+        blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
+            (LEVEL_BLUR_PX[0],) * (len(levels) - 1) + (0.0,))
     targets = [_make_level(level_projector, finest_image, mask, finest_input, size, similarity,
                            blur)
                for level_projector, size, blur in zip(projectors, levels, blurs, strict=True)]
