@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from xray_ct_reg import geometry, refine
+from xray_ct_reg import drr, geometry, model, refine
 from xray_ct_reg.register import RegistrationConfig
 
 
@@ -72,6 +72,7 @@ def test_refinement_recovers_a_perturbed_pose(patient, polarity, similarity):
     assert info.polarity == (1.0 if polarity == 'bright_bone' else -1.0)
     assert info.depth_margin > 0.0  # converged: the similarity peaks along the beam
     assert info.sharpness <= info.depth_margin
+    assert info.rival_margin > 0.0  # no restart along the beam ends at a better pose
     if similarity == RegistrationConfig.similarity:  # the gate's similarity: a sharp optimum
         assert info.sharpness >= RegistrationConfig().min_sharpness
     # Broyden updates reuse Jacobians: fresh forward differences at every iteration would
@@ -210,3 +211,27 @@ def test_a_crop_of_the_detector_turns_and_probes_depth_about_what_it_shows():
     np.testing.assert_allclose(frame.T @ frame, np.eye(3), atol=1e-12)
     np.testing.assert_allclose(frame[:, 2].numpy(), centre / np.linalg.norm(centre))
     assert abs(float(frame[2, 2])) < 0.999  # not the optical axis: a crop's beam is oblique
+
+
+def test_restarts_along_the_beam_find_a_better_optimum_elsewhere(patient):
+    """From a pose 12 mm off in depth, a restart along the beam ends near the truth, higher."""
+    projectors = refine.level_projectors(patient.ct)
+    truth = geometry.carm_pose(patient.bone_centroid, lao_deg=-8.0, cranial_deg=6.0)
+    intrinsics = geometry.default_intrinsics(128)
+    image = drr.DRRProjector(patient.ct).render(truth, intrinsics)
+    level_image, level_intrinsics = model.resize_for_network(image, intrinsics, (64, 64))
+    level = refine._make_level(projectors[-1], level_image, refine.exposed_mask(level_image),
+                               level_intrinsics, 64, 'ngf', 0.0)
+    centre = geometry.transform_points(truth, patient.bone_centroid.reshape(1, 3))[0]
+    beam = torch.as_tensor(centre / np.linalg.norm(centre))
+    off = truth.copy()
+    off[:3, 3] -= 12.0 * beam.numpy()
+    objective = refine._Objective(level, torch.as_tensor(off), torch.as_tensor(centre), 1.0,
+                                  'ngf', refine._Clock(float('inf')))
+    at_off = objective.similarity(torch.zeros(6, dtype=torch.float64))
+    rivals = refine._restarts(objective, beam)
+    assert len(rivals) >= 1 and max(rivals) > at_off + 0.01
+    # centred on the truth, no restart ends elsewhere higher
+    objective.pose = torch.as_tensor(truth)
+    at_truth = objective.similarity(torch.zeros(6, dtype=torch.float64))
+    assert all(rival <= at_truth for rival in refine._restarts(objective, beam))

@@ -127,6 +127,8 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
                              ({'depth_margin': -0.001}, 'depth'),
                              ({'sharpness': 0.01}, 'no sharp optimum'),
                              ({'sharpness': np.nan}, 'no sharp optimum'),
+                             ({'rival_margin': -0.004}, 'better optimum elsewhere'),
+                             ({'rival_margin': np.nan}, 'better optimum elsewhere'),
                              ({'exposed_fraction': 0.05}, 'anatomy'),
                              ({'finished': False}, 'did not finish')]:
         accepted, why = judge(**change)

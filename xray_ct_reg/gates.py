@@ -6,8 +6,8 @@
 * ``quality_gates`` (SCR only): the correspondences support the PnP pose (inlier count, ratio,
   spread over the image, reprojection error), then ``pose_gates``;
 * ``intensity_gates`` (with refinement): the refinement finished its schedule, enough of the
-  image is exposed, X-ray and DRR reach a floor of similarity, peak in depth and form a sharp
-  optimum, then ``pose_gates``.
+  image is exposed, X-ray and DRR reach a floor of similarity, peak in depth, form a sharp
+  optimum and no restart found a better one, then ``pose_gates``.
 
 ``config`` is a ``register.RegistrationConfig``; pixel values are at its reference detector.
 A pose failing any gate is never published.
@@ -98,9 +98,10 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     fixed schedule within the time budget (a truncated one is never used), the exposed fraction
     of the image, a floor on the similarity at the refined pose, that the similarity peaks there
     along the beam (the weak direction of one view: a pose still climbing in depth is
-    unconverged) and that the optimum is sharp: higher than every probe around it by
+    unconverged), that the optimum is sharp: higher than every probe around it by
     ``min_sharpness`` (relative evidence, which transfers across appearance where the
-    similarity's level does not), then ``pose_gates``.
+    similarity's level does not), and that no restart along the beam found a better one
+    elsewhere (``rival_margin``), then ``pose_gates``.
     """
     if not refine_info.finished:
         return False, (f'intensity refinement did not finish within its time budget '
@@ -118,4 +119,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     if not refine_info.sharpness >= config.min_sharpness:
         return False, (f'no sharp optimum: a probe around the pose scores within '
                        f'{refine_info.sharpness:.3f} < {config.min_sharpness:.3f} of it')
+    if not refine_info.rival_margin > 0.0:
+        return False, (f'a better optimum elsewhere: a restart '
+                       f'{max(refine.RESTART_DEPTHS_MM):.0f} mm along the beam ended at a pose '
+                       f'scoring {-refine_info.rival_margin:.3f} higher')
     return pose_gates(pose, intrinsics, bone_centroid, config)

@@ -29,9 +29,12 @@ line search along the beam through the centre (the weak direction of one view) a
 then probes a few mm and degrees away in every direction, depth along that beam, measure how
 sharp the optimum is (``RefineInfo.sharpness``):
 relative evidence that transfers across appearance, where the similarity's level does not.
+Probes see only the neighbourhood, so short restarts along the beam on either side check that
+no better optimum lies a little farther (``RefineInfo.rival_margin``).
 """
 import contextlib
 from dataclasses import dataclass, replace
+import math
 import time
 
 import cv2
@@ -57,6 +60,13 @@ JACOBIAN_REFRESH = 3
 # level.
 DEPTH_SEARCH_MM = (-24.0, -12.0, 0.0, 12.0, 24.0)
 POLISH_ITERATIONS = 2
+# Consistency across starts: after the schedule, short refinements restart this far (mm) along
+# the beam on either side and run RESTART_ITERATIONS at the finest level. One that ends more
+# than RIVAL_DISTANCE (mm-like units) away with a higher similarity is a better optimum the
+# search missed (``RefineInfo.rival_margin``); the sharpness probes only see the neighbourhood.
+RESTART_DEPTHS_MM = (-12.0, 12.0)
+RESTART_ITERATIONS = 4
+RIVAL_DISTANCE = 5.0
 # LM iterations both image polarities take at the coarsest level before the better one goes on.
 POLARITY_TRIAL_ITERATIONS = 2
 # Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``).
@@ -89,6 +99,8 @@ class RefineInfo:
     ncc_after: float = NAN            # similarity at the returned pose
     depth_margin: float = NAN         # ncc_after minus the best DEPTH_PROBE_MM along the beam
     sharpness: float = NAN            # ncc_after minus the best of the SHARPNESS_PROBES
+    rival_margin: float = math.inf    # ncc_after minus the best restart that ended elsewhere
+                                      # (inf: none did, or not checked: a close start)
     polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
     improved: bool = False            # the returned pose is the refined one (else the start)
     finished: bool = True             # the fixed schedule ran to its end within the budget
@@ -532,10 +544,28 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
         probes[(axis, offset)] = score(refined, beam_centre, change)
     depth = max(value for (axis, _), value in probes.items() if axis == 2)
     residuals = sum(len(feature) for feature in finest.target_features)
+    rivals = [] if near_start else _restarts(
+        _Objective(finest, refined, beam_centre, polarity, measure, clock), frame[:, 2])
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
+                         rival_margin=final - max(rivals, default=-math.inf),
                          sharpness=final - max(probes.values()), polarity=polarity,
                          improved=improved,
                          covariance=_covariance(probes, final, residuals, frame.numpy()))
+
+
+def _restarts(objective, beam):
+    """Similarities where restarts ``RESTART_DEPTHS_MM`` along ``beam`` end, if elsewhere.
+
+    ``objective`` is centred on the refined pose; a restart runs ``RESTART_ITERATIONS`` LM
+    iterations and counts when it ends more than ``RIVAL_DISTANCE`` from that pose.
+    """
+    found = []
+    for offset in RESTART_DEPTHS_MM:
+        start = torch.cat([offset * beam, beam.new_zeros(3)])
+        end, cost = _levenberg_marquardt(objective, start, RESTART_ITERATIONS)
+        if float(end.norm()) > RIVAL_DISTANCE:
+            found.append(1.0 - 0.5 * cost)
+    return found
 
 
 def _covariance(probes, similarity, residuals, frame):
