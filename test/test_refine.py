@@ -46,16 +46,21 @@ def patient():
     return ct.load_patient('example')
 
 
+@pytest.fixture(scope='module')
+def projectors(patient):
+    """The refinement's level projectors of the patient (built once: a few seconds)."""
+    return refine.level_projectors(patient.ct)
+
+
 @pytest.mark.parametrize('similarity', refine.SIMILARITIES)
 @pytest.mark.parametrize('polarity', ['bright_bone', 'dark_bone'])
-def test_refinement_recovers_a_perturbed_pose(patient, polarity, similarity):
+def test_refinement_recovers_a_perturbed_pose(patient, projectors, polarity, similarity):
     """From 10 mm and 3 deg off: within 1 mm projected distance and 5 mm mTRE, a sharp optimum.
 
     Depth along the beam is the weak direction of one view, so mTRE is looser than the projected
     distance.
     """
     from xray_ct_reg import simulate
-    projectors = refine.level_projectors(patient.ct)
     projector = projectors[-1]
     rng = np.random.default_rng(3)
     truth = geometry.carm_pose(patient.bone_centroid, lao_deg=10.0, cranial_deg=-5.0)
@@ -82,7 +87,6 @@ def test_refinement_recovers_a_perturbed_pose(patient, polarity, similarity):
 
 
 def test_refinement_of_a_blank_image_keeps_the_pose(patient):
-    from xray_ct_reg import drr
     projector = drr.DRRProjector(patient.ct)
     start = geometry.carm_pose(patient.bone_centroid)
     threads = torch.get_num_threads()
@@ -115,7 +119,7 @@ def test_refinement_is_deterministic_under_load_and_a_budget_only_rejects(patien
     import multiprocessing
     import os
 
-    from xray_ct_reg import drr, simulate
+    from xray_ct_reg import simulate
     from xray_ct_reg.gates import intensity_gates
     from xray_ct_reg.register import RegistrationConfig
     projector = drr.DRRProjector(patient.ct)
@@ -213,12 +217,11 @@ def test_a_crop_of_the_detector_turns_and_probes_depth_about_what_it_shows():
     assert abs(float(frame[2, 2])) < 0.999  # not the optical axis: a crop's beam is oblique
 
 
-def test_restarts_along_the_beam_find_a_better_optimum_elsewhere(patient):
+def test_restarts_along_the_beam_find_a_better_optimum_elsewhere(patient, projectors):
     """From a pose 12 mm off in depth, a restart along the beam ends near the truth, higher."""
-    projectors = refine.level_projectors(patient.ct)
     truth = geometry.carm_pose(patient.bone_centroid, lao_deg=-8.0, cranial_deg=6.0)
     intrinsics = geometry.default_intrinsics(128)
-    image = drr.DRRProjector(patient.ct).render(truth, intrinsics)
+    image = projectors[-1].render(truth, intrinsics)  # ray-marched: slabs do not apply
     level_image, level_intrinsics = model.resize_for_network(image, intrinsics, (64, 64))
     level = refine._make_level(projectors[-1], level_image, refine.exposed_mask(level_image),
                                level_intrinsics, 64, 'ngf', 0.0)
