@@ -211,8 +211,8 @@ def run_demo(args):
             Parameter('ct_path', value='example'),
             Parameter('intensity_refine', value=not args.no_refine)])
         verdicts = {}
-        node.result_callback = lambda stamp, verdict, reason, _: verdicts.update(
-            {stamp: (verdict, reason)})
+        node.result_callback = lambda stamp, verdict, reason, result: verdicts.update(
+            {stamp: (verdict, reason, bool(result is not None and result.tracked))})
         listener = _Listener(context)
         if not node.start():
             print(f'registration node did not start: {node.stats()["last_reason"]}')
@@ -224,7 +224,7 @@ def run_demo(args):
         def finished():
             """Every frame published and judged, and every accepted one's TF received."""
             judged = set(verdicts) | set(listener.poses)
-            accepted = {stamp for stamp, (verdict, _) in verdicts.items()
+            accepted = {stamp for stamp, (verdict, _, _) in verdicts.items()
                         if verdict == 'accepted'}
             return (sim.published >= args.frames and set(sim.published_stamps) <= judged
                     and accepted <= set(listener.poses))
@@ -242,16 +242,26 @@ def run_demo(args):
     return _report(sim, listener, verdicts, stats, patient, out, draw_overlay)
 
 
+def message_rate_hz(arrivals_ns):
+    """Messages per second from the first to the last of ``arrivals_ns`` (NaN: fewer than 2)."""
+    arrivals = sorted(arrivals_ns)
+    if len(arrivals) < 2 or arrivals[-1] <= arrivals[0]:
+        return float('nan')
+    return (len(arrivals) - 1) * 1e9 / (arrivals[-1] - arrivals[0])
+
+
 def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
     """Print the per-frame table and summary; write overlays and summary.json."""
     import cv2
     rows = []
-    print(f"{'frame':>5} {'verdict':>9} {'mTRE mm':>8} {'latency ms':>10}  reason")
+    print(f"{'frame':>5} {'verdict':>9} {'tracked':>7} {'mTRE mm':>8} {'latency ms':>10}  reason")
     for number, (stamp, index) in enumerate(sorted(sim.published_stamps.items())):
         frame = sim.frames[index]
         pose = listener.poses.get(stamp)
-        verdict, reason = verdicts.get(stamp, ('dropped' if pose is None else 'accepted', ''))
-        row = {'frame': number, 'stamp_ns': stamp, 'verdict': verdict, 'reason': reason}
+        verdict, reason, tracked = verdicts.get(
+            stamp, ('dropped' if pose is None else 'accepted', '', False))
+        row = {'frame': number, 'stamp_ns': stamp, 'verdict': verdict, 'reason': reason,
+               'tracked': tracked}
         if pose is not None:
             row['mtre_mm'] = geometry.mtre(pose, frame.pose, patient.targets)
             row['latency_ms'] = (listener.arrivals[stamp] - stamp) / 1e6
@@ -260,16 +270,18 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
                                text=f"frame {number}: {verdict}" + (
                                    f" mTRE {row['mtre_mm']:.1f} mm" if pose is not None else ''))
         cv2.imwrite(str(out / f'overlay_{number:03d}.png'), picture)
-        print(f"{number:5d} {verdict:>9} {row.get('mtre_mm', float('nan')):8.2f} "
+        print(f"{number:5d} {verdict:>9} {'yes' if tracked else '':>7} "
+              f"{row.get('mtre_mm', float('nan')):8.2f} "
               f"{row.get('latency_ms', float('nan')):10.0f}  {reason}")
     mtres = [r['mtre_mm'] for r in rows if 'mtre_mm' in r]
     latencies = [r['latency_ms'] for r in rows if 'latency_ms' in r]
-    arrivals = sorted(listener.arrivals.values())
-    tf_rate = ((len(arrivals) - 1) * 1e9 / (arrivals[-1] - arrivals[0])
-               if len(arrivals) > 1 and arrivals[-1] > arrivals[0] else float('nan'))
+    tf_rate = message_rate_hz(listener.arrivals.values())
+    tracking_rate = message_rate_hz(listener.arrivals[row['stamp_ns']] for row in rows
+                             if row['tracked'] and row['stamp_ns'] in listener.arrivals)
     summary = {'frames': len(rows), 'accepted': len(mtres),
                'mtre_mm': geometry.summarize_mtre(mtres),
                'latency_ms': geometry.summarize(latencies), 'tf_rate_hz': tf_rate,
+               'tracking_tf_rate_hz': tracking_rate,
                'tracked': int(stats.get('tracked', 0)), 'node': stats}
     print('\nsummary')
     print(f"  accepted            {summary['accepted']}/{summary['frames']}")
@@ -280,6 +292,8 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
           f"{summary['latency_ms']['p95']:.0f} ms (image stamp -> TF received)")
     print(f"  TF rate             {tf_rate:.1f} Hz (first to last TF received), "
           f"{summary['tracked']} frames tracked from the previous pose")
+    print(f"  TF rate tracking    {tracking_rate:.1f} Hz (first to last TF of a tracked frame, "
+          f"any fallback between them included)")
     print(f'  overlays            {out}/overlay_*.png')
     with open(out / 'summary.json', 'w') as handle:
         json.dump({'rows': rows, 'summary': summary}, handle, indent=1, default=str)
