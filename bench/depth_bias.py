@@ -2,8 +2,9 @@
 
 A similarity whose optimum sits at the truth keeps a refinement started there in place; one
 biased by appearance the DRR does not model walks away. For full and extreme views of the
-project's own simulator, of the held-out family (``bench/heldout_family.py``) and of that
-family with parts of its recipe left out (``heldout_family.ABLATIONS``), the refinement
+project's own simulator, of the held-out family (``bench/heldout_family.py``), of that
+family with one part of its recipe left out (``heldout_family.ABLATIONS``) and with all of them
+left out (its physics only: spectrum, materials, detector blur), the refinement
 starts at the truth with a single level (its LM, depth line search and polish) at the coarse
 level's settings (32 px, blurred by ``refine.LEVEL_BLUR_PX[0]``), the same unblurred, the fine
 level's (64 px, unblurred), and with the whole default schedule. Reported per set: the median
@@ -44,8 +45,10 @@ def view_sets(patient, n):
     simulator = simulate.Simulator(patient)
     yield 'own', list(evaluate.simulate_test_set(simulator, n, seed=SEED, groups=GROUPS))
     projector = xray_physics.MaterialProjector(patient.ct)
-    for without in ((),) + tuple((name,) for name in heldout_family.ABLATIONS):
-        name = 'held-out' + ''.join(f' -{part}' for part in without)
+    for without in ((),) + tuple((name,) for name in heldout_family.ABLATIONS) + (
+            heldout_family.ABLATIONS,):
+        name = ('held-out, physics only' if without == heldout_family.ABLATIONS else
+                'held-out' + ''.join(f' -{part}' for part in without))
         yield name, list(heldout_family.test_set(patient, projector, n, groups=GROUPS,
                                                  without=without))
 
