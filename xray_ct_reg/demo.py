@@ -277,7 +277,7 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
     latencies = [r['latency_ms'] for r in rows if 'latency_ms' in r]
     tf_rate = message_rate_hz(listener.arrivals.values())
     tracking_rate = message_rate_hz(listener.arrivals[row['stamp_ns']] for row in rows
-                             if row['tracked'] and row['stamp_ns'] in listener.arrivals)
+                                    if row['tracked'] and row['stamp_ns'] in listener.arrivals)
     summary = {'frames': len(rows), 'accepted': len(mtres),
                'mtre_mm': geometry.summarize_mtre(mtres),
                'latency_ms': geometry.summarize(latencies), 'tf_rate_hz': tf_rate,
