@@ -11,9 +11,14 @@ level's (64 px, unblurred), and with the whole default schedule. Reported per se
 and mean distance the bone centroid moved along the beam (depth) and across it, and the median
 mTRE. (A refinement that finds nothing better than its start returns the start: 0.)
 
+A second table profiles the finest level's similarity along the beam through the truth
+(``refine.depth_profile``, every PROFILE_STEP_MM to ±PROFILE_HALF_WIDTH_MM): where it peaks, and
+how much it drops 10 mm away (the gates' depth probe, which must drop by ``min_sharpness``);
+bench/results/depth_profile.png plots the median profile of each set.
+
     .venv/bin/python bench/depth_bias.py [-n 8]
 
-Prints a table and writes bench/results/depth_bias.json.
+Prints the tables and writes bench/results/depth_bias.json and depth_profile.png.
 """
 import argparse
 import json
@@ -29,6 +34,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 import heldout_family  # noqa: E402
 
 from xray_ct_reg import ct, evaluate, geometry, refine, simulate, xray_physics  # noqa: E402
+from xray_ct_reg.register import RegistrationConfig  # noqa: E402
 
 SEED = 5150
 GROUPS = ('full', 'extreme')
@@ -38,6 +44,8 @@ RUNS = (('32 px blurred', 0, {'levels': (32,), 'iterations': (10,),
         ('32 px', 0, {'levels': (32,), 'iterations': (10,), 'blur_px': (0.0,)}),
         ('64 px', 1, {'levels': (64,), 'iterations': (10,), 'blur_px': (0.0,)}),
         ('default', None, {}))
+PROFILE_HALF_WIDTH_MM = 20.0
+PROFILE_STEP_MM = 2.5
 
 
 def view_sets(patient, n):
@@ -63,8 +71,61 @@ def displacement(pose, truth, centre_ct):
     return depth, float(np.linalg.norm(shift - depth * beam))
 
 
+def peak_offset(offsets, values):
+    """Where ``values`` (at evenly spaced ``offsets``) peak: the best sample, then a parabola."""
+    best = int(np.argmax(values))
+    if 0 < best < len(values) - 1:
+        before, at, after = values[best - 1:best + 2]
+        curvature = before - 2.0 * at + after
+        if curvature < 0:
+            return float(offsets[best] + 0.5 * (before - after) / curvature
+                         * (offsets[1] - offsets[0]))
+    return float(offsets[best])
+
+
+def profile_row(name, cases, projector, centre_ct, min_sharpness):
+    """The depth profiles of one set of views: peak offsets, drops 10 mm away, median profile."""
+    offsets = np.arange(-PROFILE_HALF_WIDTH_MM, PROFILE_HALF_WIDTH_MM + 1e-9, PROFILE_STEP_MM)
+    probes = [int(np.argmin(np.abs(offsets - sign * refine.DEPTH_PROBE_MM)))
+              for sign in (-1.0, 1.0)]
+    middle = int(np.argmin(np.abs(offsets)))
+    profiles = np.array([refine.depth_profile(projector, case['image'], case['intrinsics'],
+                                              case['pose'], offsets, centre_ct)
+                         for case in cases])
+    peaks = [peak_offset(offsets, profile) for profile in profiles]
+    drops = profiles[:, middle] - profiles[:, probes].max(axis=1)
+    return {'views': name, 'n': len(cases), 'offsets_mm': offsets.tolist(),
+            'median_profile': np.median(profiles - profiles[:, middle:middle + 1],
+                                        axis=0).tolist(),
+            'peak_mm': peaks, 'abs_peak_p50_mm': float(np.median(np.abs(peaks))),
+            'peaks_within_step': int(np.sum(np.abs(peaks) <= PROFILE_STEP_MM)),
+            'drop_10mm': drops.tolist(), 'drop_10mm_p50': float(np.median(drops)),
+            'drops_passing_gate': int(np.sum(drops >= min_sharpness))}
+
+
+def plot_profiles(rows, path, min_sharpness):
+    """Median similarity along the beam (relative to the truth's) per set of views."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        bold = row['views'] in ('own', 'held-out', 'held-out, physics only')
+        axis.plot(row['offsets_mm'], row['median_profile'], linewidth=2.0 if bold else 0.8,
+                  alpha=1.0 if bold else 0.6, label=row['views'])
+    axis.axhline(-min_sharpness, color='grey', linestyle=':',
+                 label=f'gate: a probe {refine.DEPTH_PROBE_MM:.0f} mm away must be this far down')
+    axis.set_xlabel('offset along the beam from the true pose (mm)')
+    axis.set_ylabel('similarity minus its value at the truth (median)')
+    axis.set_title('finest level (64 px): how sharply the similarity peaks in depth')
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main():
-    """Refine from the truth on every set; print the table and write JSON."""
+    """Refine from, and profile around, the truth on every set; print the tables, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('-n', type=int, default=8, help='views per group (full, extreme)')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
@@ -72,7 +133,8 @@ def main():
     patient = ct.load_patient('example')
     projectors = refine.level_projectors(patient.ct)
     centre = np.reshape(patient.bone_centroid, (1, 3))
-    rows = []
+    rows, profiles = [], []
+    min_sharpness = RegistrationConfig().min_sharpness
     print(f"{'views':40s} {'refinement':14s} {'n':>3s} {'|depth| p50':>11s} {'mean':>6s} "
           f"{'across p50':>10s} {'mTRE p50':>8s}")
     for name, cases in view_sets(patient, args.n):
@@ -97,11 +159,21 @@ def main():
             print(f"{name:40s} {run:14s} {row['n']:3d} {row['abs_depth_p50_mm']:11.1f} "
                   f"{row['abs_depth_mean_mm']:6.1f} {row['across_p50_mm']:10.1f} "
                   f"{row['mtre_p50_mm']:8.1f}", flush=True)
+        profiles.append(profile_row(name, cases, projectors[-1], patient.bone_centroid,
+                                    min_sharpness))
+    print(f"\n{'views':40s} {'n':>3s} {'|peak| p50':>10s} {f'peak <= {PROFILE_STEP_MM:g}':>11s} "
+          f"{'drop 10mm p50':>13s} {f'drop >= {min_sharpness:g}':>12s}")
+    for row in profiles:
+        print(f"{row['views']:40s} {row['n']:3d} {row['abs_peak_p50_mm']:10.1f} "
+              f"{row['peaks_within_step']:11d} {row['drop_10mm_p50']:13.3f} "
+              f"{row['drops_passing_gate']:12d}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'depth_bias.json').write_text(json.dumps(
-        {'n_per_group': args.n, 'groups': GROUPS, 'seed': SEED, 'rows': rows}, indent=1))
-    print(f"wrote {out / 'depth_bias.json'}")
+        {'n_per_group': args.n, 'groups': GROUPS, 'seed': SEED, 'rows': rows,
+         'profiles': profiles}, indent=1))
+    plot_profiles(profiles, out / 'depth_profile.png', min_sharpness)
+    print(f"wrote {out / 'depth_bias.json'} and depth_profile.png")
 
 
 if __name__ == '__main__':

@@ -21,15 +21,18 @@ Nothing in training or in the gate thresholds was tuned on it. Run:
     .venv/bin/python bench/heldout_family.py [-n 8] [--refine-n 8] [--size 128]
 
 It prints per group (full, local, extreme) the fraction accepted, accepted median / p95 mTRE and
-accepted gross failures, for SCR only, with intensity refinement from the SCR pose, and with the
+accepted gross failures, for SCR only, with intensity refinement from the SCR pose, with the
 refinement alone started 5-15 mm / 2-5 deg from the truth (the similarity and its gate on this
-appearance, apart from the network); writes
+appearance, apart from the network), and started at the truth itself (``at_truth``: the most
+the gates can accept when the search cannot fail, with the gate that rejected each view); writes
 bench/results/heldout_family.json and a plot of the gate score (the similarity) against mTRE,
 bench/results/heldout_family.png, and a contact sheet of the views.
 """
 import argparse
+from collections import Counter
 import json
 from pathlib import Path
+import re
 import sys
 
 import cv2
@@ -41,6 +44,9 @@ sys.path.insert(0, str(REPO))
 from xray_ct_reg import geometry, simulate, xray_physics  # noqa: E402
 
 GROUPS = ('full', 'local', 'extreme')
+# scr: SCR + PnP alone; refined: refinement from the SCR pose; near_truth / at_truth: the
+# refinement alone from 5-15 mm / 2-5 deg off the truth, and from the truth
+MODES = ('scr', 'refined', 'near_truth', 'at_truth')
 SEED = 77031  # never used in training or by evaluate.py
 TABLE_THICKNESS_MM = 15.0
 TABLE_WIDTH_MM = 500.0
@@ -231,10 +237,17 @@ def _refine_from(registrar, case, start):
                   timings_ms={'total': info.time_s * 1e3})
 
 
+def _gate(reason):
+    """The gate a rejection reason names, without its numbers ('no sharp optimum')."""
+    return re.split(r'[:(]|\s[-\d]', reason)[0].strip()
+
+
 def _summary(records):
-    """Per-group acceptance and accuracy of accepted estimates."""
+    """Per-group acceptance, accuracy of accepted estimates and rejections per gate."""
     accepted = [r['mtre_mm'] for r in records if r['accepted']]
-    return {'n': len(records), 'accepted': len(accepted),
+    return {'rejected_by': dict(Counter(_gate(r['reason']) for r in records
+                                        if not r['accepted'])),
+            'n': len(records), 'accepted': len(accepted),
             'accepted_fraction': len(accepted) / max(len(records), 1),
             'accepted_mtre_p50_mm': float(np.median(accepted)) if accepted else None,
             'accepted_mtre_p95_mm': float(np.percentile(accepted, 95)) if accepted else None,
@@ -275,8 +288,7 @@ def main():
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--similarity', default=RegistrationConfig.similarity,
                         help='refine.SIMILARITIES name')
-    parser.add_argument('--modes', nargs='+', default=['scr', 'refined', 'near_truth'],
-                        choices=['scr', 'refined', 'near_truth'])
+    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     args = parser.parse_args()
     patient = ct.load_patient('example')
@@ -297,7 +309,8 @@ def main():
     rng = np.random.default_rng([SEED, 99])
     for mode, registrar, limit in (('scr', scr, args.n_per_group),
                                    ('refined', refined, args.refine_n),
-                                   ('near_truth', refined, args.refine_n)):
+                                   ('near_truth', refined, args.refine_n),
+                                   ('at_truth', refined, args.refine_n)):
         if mode not in args.modes:
             continue
         records = []
@@ -307,6 +320,8 @@ def main():
             if mode == 'near_truth':  # the refinement and its gates alone, from a close start
                 result = _refine_from(registrar, case,
                                       _perturbed(case['pose'], patient.bone_centroid, rng))
+            elif mode == 'at_truth':  # ... and from the truth: the gates' ceiling
+                result = _refine_from(registrar, case, case['pose'])
             else:
                 result = registrar.register(case['image'], case['intrinsics'])
             error = (geometry.mtre(result.pose, case['pose'], patient.targets)
@@ -338,6 +353,11 @@ def main():
             print(f"{mode:8} {group:8} {row['n']:3d} {row['accepted']:4d} "
                   f"{fmt(row['accepted_mtre_p50_mm'])} {fmt(row['accepted_mtre_p95_mm'])} "
                   f"{row['accepted_over_10mm']:6d} {fmt(row['estimate_mtre_p50_mm'])}")
+    for mode, data in report['modes'].items():
+        for group, row in data['groups'].items():
+            if row['rejected_by']:
+                print(f"{mode} {group} rejected by: " + ', '.join(
+                    f'{gate} {count}' for gate, count in sorted(row['rejected_by'].items())))
     report['similarity'] = args.similarity
     (out / f'heldout_family{suffix}.json').write_text(json.dumps(to_jsonable(report), indent=1))
     print(f'wrote {out}/heldout_family{suffix}.json and .png, heldout_family_views.png')

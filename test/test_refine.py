@@ -238,3 +238,19 @@ def test_restarts_along_the_beam_find_a_better_optimum_elsewhere(patient, projec
     objective.pose = torch.as_tensor(truth)
     at_truth = objective.similarity(torch.zeros(6, dtype=torch.float64))
     assert all(rival <= at_truth for rival in refine._restarts(objective, beam))
+
+
+def test_depth_profile_peaks_at_the_true_depth_in_either_polarity(patient, projectors):
+    """Along the beam through the truth, the finest level's similarity peaks at the truth."""
+    truth = geometry.carm_pose(patient.bone_centroid, lao_deg=12.0, cranial_deg=4.0)
+    intrinsics = geometry.default_intrinsics(128)
+    image = projectors[-1].render(truth, intrinsics)
+    offsets = np.array([-20.0, -10.0, 0.0, 10.0, 20.0])
+    bright = refine.depth_profile(projectors[-1], image, intrinsics, truth, offsets,
+                                  centre_ct=patient.bone_centroid)
+    assert int(np.argmax(bright)) == 2 and bright[2] > 0.9
+    assert bright[2] - max(bright[1], bright[3]) >= RegistrationConfig().min_sharpness
+    # an inverted image gives the same profile: the polarity is the sign at the pose
+    dark = refine.depth_profile(projectors[-1], -image, intrinsics, truth, offsets,
+                                centre_ct=patient.bone_centroid)
+    np.testing.assert_allclose(dark, bright, atol=1e-9)

@@ -553,6 +553,32 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
                          covariance=_covariance(probes, final, residuals, frame.numpy()))
 
 
+def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
+                  similarity='ngf', size=64):
+    """The finest level's similarity with ``pose`` moved ``offsets_mm`` (mm) along the beam.
+
+    ``projector``: the finest level's ``drr.DRRProjector``; ``size``: that level's longer side
+    (px); ``centre_ct``: the rotation centre, as in ``refine_pose`` (the beam runs from the
+    source through it). The polarity is the similarity's sign at ``pose``. Returns an array of
+    the similarities, one per offset: how sharply, and where, it peaks in depth (the gates'
+    depth probe is ``DEPTH_PROBE_MM``; ``bench/depth_bias.py``).
+    """
+    level_image, level_intrinsics = model.resize_for_network(
+        image, intrinsics, _level_size(intrinsics, size))
+    mask = exposed_mask(level_image)
+    level = _make_level(projector, level_image, mask, level_intrinsics, size, similarity, 0.0)
+    pose = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
+    centre = torch.as_tensor(_view_centre(pose.numpy(), centre_ct, mask, level_intrinsics))
+    zero = torch.zeros(6, dtype=torch.float64)
+    clock = _Clock(math.inf)
+    with _one_torch_thread():
+        polarity = 1.0 if _Objective(level, pose, centre, 1.0, similarity, clock).similarity(
+            zero) >= 0.0 else -1.0
+        return np.array([_Objective(level, _along_beam(pose, centre, offset), centre, polarity,
+                                    similarity, clock).similarity(zero)
+                         for offset in offsets_mm])
+
+
 def _restarts(objective, beam):
     """Similarities where restarts ``RESTART_DEPTHS_MM`` along ``beam`` end, if elsewhere.
 
