@@ -9,6 +9,7 @@ summary table and writes overlay PNGs (estimated bone outline on the X-ray) to `
 Run it in the loopback-only sandbox (``make demo``).
 """
 import json
+import math
 from pathlib import Path
 import threading
 import time
@@ -219,6 +220,7 @@ def run_demo(args):
             return 1
         for each in (sim, node, listener.node):
             executor.add_node(each)
+        sim.restart()  # frames at the set rate from now, not an overdue one at once
         deadline = time.monotonic() + args.frames / args.rate + TIMEOUT_S
 
         def finished():
@@ -248,6 +250,11 @@ def message_rate_hz(arrivals_ns):
     if len(arrivals) < 2 or arrivals[-1] <= arrivals[0]:
         return float('nan')
     return (len(arrivals) - 1) * 1e9 / (arrivals[-1] - arrivals[0])
+
+
+def _hz(rate):
+    """A rate for the summary: '4.2 Hz', or '-' when there is none (fewer than 2 messages)."""
+    return '-' if math.isnan(rate) else f'{rate:.1f} Hz'
 
 
 def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
@@ -280,8 +287,10 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
                                     if row['tracked'] and row['stamp_ns'] in listener.arrivals)
     summary = {'frames': len(rows), 'accepted': len(mtres),
                'mtre_mm': geometry.summarize_mtre(mtres),
-               'latency_ms': geometry.summarize(latencies), 'tf_rate_hz': tf_rate,
-               'tracking_tf_rate_hz': tracking_rate,
+               'latency_ms': geometry.summarize(latencies),
+               # null (not NaN, which strict JSON readers refuse) when there is no rate
+               'tf_rate_hz': None if math.isnan(tf_rate) else tf_rate,
+               'tracking_tf_rate_hz': None if math.isnan(tracking_rate) else tracking_rate,
                'tracked': int(stats.get('tracked', 0)), 'node': stats}
     print('\nsummary')
     print(f"  accepted            {summary['accepted']}/{summary['frames']}")
@@ -290,9 +299,9 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
           f"(gross failures {summary['mtre_mm']['gross_failure_rate']:.0%})")
     print(f"  latency p50/p95     {summary['latency_ms']['p50']:.0f} / "
           f"{summary['latency_ms']['p95']:.0f} ms (image stamp -> TF received)")
-    print(f"  TF rate             {tf_rate:.1f} Hz (first to last TF received), "
+    print(f"  TF rate             {_hz(tf_rate)} (first to last TF received), "
           f"{summary['tracked']} frames tracked from the previous pose")
-    print(f"  TF rate tracking    {tracking_rate:.1f} Hz (first to last TF of a tracked frame, "
+    print(f"  TF rate tracking    {_hz(tracking_rate)} (first to last TF of a tracked frame, "
           f"any fallback between them included)")
     print(f'  overlays            {out}/overlay_*.png')
     with open(out / 'summary.json', 'w') as handle:
