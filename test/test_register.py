@@ -15,7 +15,7 @@ from xray_ct_reg import geometry
 from xray_ct_reg.gates import intensity_gates, quality_gates, view_angle_from_ap_deg
 from xray_ct_reg.pnp import PNP_METHODS, pose_covariance, refine_lm, reprojection_errors, solve_pnp
 from xray_ct_reg.refine import RefineInfo
-from xray_ct_reg.register import Registrar, RegistrationConfig, Result
+from xray_ct_reg.register import Registrar, RegistrationConfig, Result, format_result
 
 MODEL = Path(__file__).resolve().parent.parent / 'models' / 'chest_example.pt'
 SIZE = 256
@@ -175,6 +175,18 @@ def test_result_to_dict_is_json():
                     reprojection_error_px=float('nan'), timings_ms={'total': np.float64(1.0)})
     data = json.loads(json.dumps(result.to_dict()))
     assert data['pose'][0] == [1.0, 0.0, 0.0, 0.0] and data['reprojection_error_px'] is None
+
+
+def test_printed_result_shows_what_the_intensity_gates_judged():
+    info = RefineInfo(exposed_fraction=0.5, ncc_before=0.61, ncc_after=0.913, depth_margin=0.04,
+                      sharpness=0.027, polarity=-1.0)
+    lines = format_result(Result(pose=np.eye(4), accepted=True, refinement=info))
+    assert lines[0] == 'ACCEPTED'
+    assert ('intensity refinement: similarity 0.913 (start 0.610), sharpness 0.027, depth '
+            'margin 0.040, exposed 0.50 of the image, dark-bone polarity') in lines
+    # SCR only: no refinement line
+    assert not any(line.startswith('intensity') for line in format_result(
+        Result(pose=None, accepted=False, reason='x')))
 
 
 # ----------------------------------------------------------------------------- full pipeline

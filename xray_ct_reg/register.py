@@ -461,6 +461,12 @@ def format_result(result):
     lines.append(f'inliers {result.inlier_count}/{result.num_candidates} candidates '
                  f'(ratio {result.inlier_ratio:.2f}), median reprojection error '
                  f'{result.reprojection_error_px:.2f} px')
+    info = result.refinement
+    if info is not None:  # what the intensity gates judged
+        lines.append(f'intensity refinement: similarity {info.ncc_after:.3f} (start '
+                     f'{info.ncc_before:.3f}), sharpness {info.sharpness:.3f}, depth margin '
+                     f'{info.depth_margin:.3f}, exposed {info.exposed_fraction:.2f} of the image, '
+                     f"{'bright' if info.polarity >= 0 else 'dark'}-bone polarity")
     lines.append('timings (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in result.timings_ms.items()))
     return lines
 
