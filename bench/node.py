@@ -45,6 +45,7 @@ def main():
     from xray_ct_reg import ct, geometry, ros_io, sim_carm
     from xray_ct_reg.demo import _Listener
     from xray_ct_reg.node import RegistrationNode, default_model_path
+    from xray_ct_reg.register import to_jsonable
 
     model = args.model or default_model_path()
     patient = ct.load_patient('example')
@@ -121,7 +122,7 @@ def main():
           f"{stats['frames_received']}/{sent}, dropped {stats['frames_dropped']}, "
           f"accepted {stats['accepted']}, rejected {stats['rejected']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    Path(args.out).write_text(json.dumps(to_jsonable(results), indent=1, default=str))
     print(f'wrote {args.out}')
 
 

@@ -51,6 +51,11 @@ def test_plot_and_table(tmp_path):
                          for g in evaluate.GROUPS}, 'all': evaluate.summarize_records(records)}
     table = evaluate.format_table(report)
     assert all(name in table for name in evaluate.GROUPS + ('all',))
+    # a group with no accepted frame shows '-' for what it cannot have, never 'nan'
+    rejected = [_record('full', False, 3.0), _record('full', False, 40.0)]
+    empty = evaluate.summarize_records(rejected)
+    row = evaluate.format_table({'groups': {'full': empty}, 'all': empty}).splitlines()[2]
+    assert 'nan' not in row and row.split()[3:6] == ['-', '-', '-']
 
 
 def test_evaluate_end_to_end_with_untrained_network(tmp_path):

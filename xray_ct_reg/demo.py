@@ -260,6 +260,8 @@ def _hz(rate):
 def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
     """Print the per-frame table and summary; write overlays and summary.json."""
     import cv2
+
+    from xray_ct_reg.register import to_jsonable
     rows = []
     print(f"{'frame':>5} {'verdict':>9} {'tracked':>7} {'mTRE mm':>8} {'latency ms':>10}  reason")
     for number, (stamp, index) in enumerate(sorted(sim.published_stamps.items())):
@@ -287,10 +289,8 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
                                     if row['tracked'] and row['stamp_ns'] in listener.arrivals)
     summary = {'frames': len(rows), 'accepted': len(mtres),
                'mtre_mm': geometry.summarize_mtre(mtres),
-               'latency_ms': geometry.summarize(latencies),
-               # null (not NaN, which strict JSON readers refuse) when there is no rate
-               'tf_rate_hz': None if math.isnan(tf_rate) else tf_rate,
-               'tracking_tf_rate_hz': None if math.isnan(tracking_rate) else tracking_rate,
+               'latency_ms': geometry.summarize(latencies), 'tf_rate_hz': tf_rate,
+               'tracking_tf_rate_hz': tracking_rate,
                'tracked': int(stats.get('tracked', 0)), 'node': stats}
     print('\nsummary')
     print(f"  accepted            {summary['accepted']}/{summary['frames']}")
@@ -305,5 +305,7 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
           f"any fallback between them included)")
     print(f'  overlays            {out}/overlay_*.png')
     with open(out / 'summary.json', 'w') as handle:
-        json.dump({'rows': rows, 'summary': summary}, handle, indent=1, default=str)
+        # NaN (no rate, no accepted frame) becomes null: strict JSON readers refuse NaN
+        json.dump(to_jsonable({'rows': rows, 'summary': summary}), handle, indent=1,
+                  default=str)
     return 0 if rows else 1

@@ -194,8 +194,13 @@ def evaluate(checkpoint, ct='example', n_per_group=20, seed=DEFAULT_SEED, size=N
     return report
 
 
+def _cell(value, width, spec='.2f', align='>'):
+    """``value`` formatted by ``spec`` in ``width`` characters; '-' when it is NaN (no data)."""
+    return format('-' if np.isnan(value) else format(value, spec), f'{align}{width}')
+
+
 def format_table(report):
-    """Printable table: one row per group and one for all frames."""
+    """Printable table: one row per group and one for all frames ('-': no accepted frame)."""
     header = (f"{'group':8} {'n':>4} {'acc':>4} {'p25':>6} {'p50':>6} {'p95':>6} "
               f"{'mean±std':>13} {'mPD p50':>8} {'GFR all':>8} {'GFR acc':>8} {'rej':>5} "
               f"{'rej=fail':>8} {'est p50':>8} {'total p50/p95 ms':>17}")
@@ -204,13 +209,15 @@ def format_table(report):
         m = summary['mtre_mm']
         total = summary['timings_ms'].get('total', {'p50': np.nan, 'p95': np.nan})
         lines.append(
-            f"{name:8} {summary['n']:>4} {summary['accepted']:>4} {m['p25']:>6.2f} "
-            f"{m['p50']:>6.2f} {m['p95']:>6.2f} {m['mean']:>6.2f}±{m['std']:<6.2f} "
-            f"{summary['mpd_mm']['p50']:>8.2f} {summary['gross_failure_rate_all']:>8.1%} "
-            f"{summary['gross_failure_rate_accepted']:>8.1%} {summary['rejection_rate']:>5.0%} "
+            f"{name:8} {summary['n']:>4} {summary['accepted']:>4} {_cell(m['p25'], 6)} "
+            f"{_cell(m['p50'], 6)} {_cell(m['p95'], 6)} {_cell(m['mean'], 6)}±"
+            f"{_cell(m['std'], 6, align='<')} {_cell(summary['mpd_mm']['p50'], 8)} "
+            f"{_cell(summary['gross_failure_rate_all'], 8, '.1%')} "
+            f"{_cell(summary['gross_failure_rate_accepted'], 8, '.1%')} "
+            f"{_cell(summary['rejection_rate'], 5, '.0%')} "
             f"{summary['rejected_true_failures']:>3}/{summary['rejected']:<4} "
-            f"{summary['mtre_estimates_mm']['p50']:>8.2f} "
-            f"{total['p50']:>8.0f}/{total['p95']:<8.0f}")
+            f"{_cell(summary['mtre_estimates_mm']['p50'], 8)} "
+            f"{_cell(total['p50'], 8, '.0f')}/{_cell(total['p95'], 8, '.0f', '<')}")
     lines.append('mTRE in mm over accepted frames; GFR all counts rejections as failures; '
                  'rej=fail: rejected frames whose estimate was a gross failure or missing; '
                  'est p50: median mTRE of every estimate, accepted or not.')
