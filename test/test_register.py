@@ -183,7 +183,10 @@ def test_printed_result_shows_what_the_intensity_gates_judged():
     lines = format_result(Result(pose=np.eye(4), accepted=True, refinement=info))
     assert lines[0] == 'ACCEPTED'
     assert ('intensity refinement: similarity 0.913 (start 0.610), sharpness 0.027, depth '
-            'margin 0.040, exposed 0.50 of the image, dark-bone polarity') in lines
+            'margin 0.040, dark-bone polarity, exposed 0.50 of the image') in lines
+    unscored = format_result(Result(pose=np.eye(4), accepted=False, reason='x',
+                                    refinement=RefineInfo(exposed_fraction=0.01)))
+    assert 'intensity refinement: not scored, exposed 0.01 of the image' in unscored
     # SCR only: no refinement line
     assert not any(line.startswith('intensity') for line in format_result(
         Result(pose=None, accepted=False, reason='x')))

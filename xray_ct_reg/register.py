@@ -462,11 +462,14 @@ def format_result(result):
                  f'(ratio {result.inlier_ratio:.2f}), median reprojection error '
                  f'{result.reprojection_error_px:.2f} px')
     info = result.refinement
-    if info is not None:  # what the intensity gates judged
-        lines.append(f'intensity refinement: similarity {info.ncc_after:.3f} (start '
-                     f'{info.ncc_before:.3f}), sharpness {info.sharpness:.3f}, depth margin '
-                     f'{info.depth_margin:.3f}, exposed {info.exposed_fraction:.2f} of the image, '
-                     f"{'bright' if info.polarity >= 0 else 'dark'}-bone polarity")
+    if info is not None:  # what the intensity gates judged (nothing scored: too little shown
+        # or the time budget ran out)
+        scores = ('not scored' if np.isnan(info.ncc_after) else
+                  f'similarity {info.ncc_after:.3f} (start {info.ncc_before:.3f}), sharpness '
+                  f'{info.sharpness:.3f}, depth margin {info.depth_margin:.3f}, '
+                  f"{'bright' if info.polarity >= 0 else 'dark'}-bone polarity")
+        lines.append(f'intensity refinement: {scores}, exposed {info.exposed_fraction:.2f} of '
+                     'the image')
     lines.append('timings (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in result.timings_ms.items()))
     return lines
 
