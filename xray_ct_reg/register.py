@@ -462,8 +462,7 @@ def format_result(result):
                  f'(ratio {result.inlier_ratio:.2f}), median reprojection error '
                  f'{result.reprojection_error_px:.2f} px')
     info = result.refinement
-    if info is not None:  # what the intensity gates judged (nothing scored: too little shown
-        # or the time budget ran out)
+    if info is not None:  # what the intensity gates judged; NaN: too little shown, or no time
         scores = ('not scored' if np.isnan(info.ncc_after) else
                   f'similarity {info.ncc_after:.3f} (start {info.ncc_before:.3f}), sharpness '
                   f'{info.sharpness:.3f}, depth margin {info.depth_margin:.3f}, '
