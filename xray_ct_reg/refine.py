@@ -222,18 +222,16 @@ def level_projectors(ct, voxels_mm=LEVEL_VOXELS_MM, slab_slices=LEVEL_SLAB_SLICE
 
 def _perturbed_pose(pose, delta, centre_imager):
     """T_imager_ct after the perturbation ``delta`` = (dt mm, dr * RADIUS_MM) about the centre."""
-    rx, ry, rz = delta[3:] / RADIUS_MM
-    skew = torch.stack([torch.stack([torch.zeros_like(rx), -rz, ry]),
-                        torch.stack([rz, torch.zeros_like(rx), -rx]),
-                        torch.stack([-ry, rx, torch.zeros_like(rx)])])
-    angle = float(torch.sqrt(rx * rx + ry * ry + rz * rz))
+    rx, ry, rz = (delta[3:] / RADIUS_MM).tolist()  # plain floats: far fewer tensor ops
+    skew = pose.new_tensor([[0.0, -rz, ry], [rz, 0.0, -rx], [-ry, rx, 0.0]])
+    angle = math.sqrt(rx * rx + ry * ry + rz * rz)
     rotation = torch.eye(3, dtype=skew.dtype) + (  # Rodrigues: exp of the skew matrix
         skew if angle < 1e-12 else
         np.sin(angle) / angle * skew + (1.0 - np.cos(angle)) / angle ** 2 * (skew @ skew))
-    new_rotation = rotation @ pose[:3, :3]
-    new_translation = rotation @ (pose[:3, 3] - centre_imager) + centre_imager + delta[:3]
-    top = torch.cat([new_rotation, new_translation[:, None]], dim=1)
-    return torch.cat([top, pose.new_tensor([[0.0, 0.0, 0.0, 1.0]])], dim=0)
+    perturbed = torch.eye(4, dtype=pose.dtype)
+    perturbed[:3, :3] = rotation @ pose[:3, :3]
+    perturbed[:3, 3] = rotation @ (pose[:3, 3] - centre_imager) + centre_imager + delta[:3]
+    return perturbed
 
 
 def _level_size(intrinsics, size):
