@@ -220,7 +220,6 @@ def run_demo(args):
             return 1
         for each in (sim, node, listener.node):
             executor.add_node(each)
-        sim.restart()  # frames at the set rate from now, not an overdue one at once
         deadline = time.monotonic() + args.frames / args.rate + TIMEOUT_S
 
         def finished():

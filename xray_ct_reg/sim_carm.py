@@ -171,14 +171,6 @@ class SimulatedCarm(Node):
         self._timer = self.create_timer(1.0 / config.rate_hz, self._tick)
         self.get_logger().info(f'publishing on {config.image_topic} at {config.rate_hz} Hz')
 
-    def restart(self):
-        """Start the publishing period afresh: the next frame one period from now.
-
-        For a host that starts spinning well after construction: an overdue timer would publish
-        one frame at once and the next early, less than a period after it.
-        """
-        self._timer.reset()
-
     def _tick(self):
         """Publish the next frame of the pool with a fresh stamp."""
         if self.config.max_frames and self.published >= self.config.max_frames:
@@ -193,6 +185,8 @@ class SimulatedCarm(Node):
         self._pose_pub.publish(ros_io.pose_to_pose_stamped(self.frames[index].pose, header))
         self.published_stamps[ros_io.stamp_to_ns(header.stamp)] = index
         self.published += 1
+        if self.published == 1:  # the period counts from the first frame: a host that spins
+            self._timer.reset()  # late gets it overdue, and the next would otherwise come early
 
 
 def main(args=None) -> int:
