@@ -467,10 +467,7 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
     projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
         levels)
     pose0 = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
-    # The exposed mask is found at the finest level, so its window means the same at any input.
-    finest_image, finest_input = model.resize_for_network(
-        image, intrinsics, _level_size(intrinsics, levels[-1]))
-    mask = exposed_mask(finest_image)
+    finest_image, finest_input, mask = _finest_input(image, intrinsics, levels[-1])
     centre_imager = torch.as_tensor(_view_centre(pose, centre_ct, mask, finest_input))
     if blurs is None:
         blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
@@ -490,14 +487,29 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
     return refined, info, clock
 
 
+def _finest_input(image, intrinsics, size):
+    """The X-ray at the finest level (longer side ``size`` px), its intrinsics, exposed mask.
+
+    The exposed mask is found at the finest level, so its window means the same at any input.
+    """
+    finest_image, finest_intrinsics = model.resize_for_network(
+        image, intrinsics, _level_size(intrinsics, size))
+    return finest_image, finest_intrinsics, exposed_mask(finest_image)
+
+
+def _polarity_at(level, pose, centre_imager, measure, clock):
+    """The polarity at a pose taken as close: the sign of the similarity there."""
+    start = _Objective(level, pose, centre_imager, 1.0, measure, clock)
+    return 1.0 if start.similarity(torch.zeros(6, dtype=torch.float64)) >= 0.0 else -1.0
+
+
 def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_start):
     """The fixed refinement schedule; returns (refined pose tensor, scores for the info)."""
     finest = levels[-1]
     zero = torch.zeros(6, dtype=torch.float64)
     delta, trial_iterations = zero, 0
     if near_start:  # the similarity's sign at a close start is the polarity
-        start = _Objective(levels[0], pose0, centre_imager, 1.0, measure, clock)
-        polarity = 1.0 if start.similarity(zero) >= 0.0 else -1.0
+        polarity = _polarity_at(levels[0], pose0, centre_imager, measure, clock)
     else:  # polarity: both try at the coarsest level, the better goes on
         trials, trial_iterations = [], POLARITY_TRIAL_ITERATIONS
         for sign in (1.0, -1.0):
@@ -561,17 +573,14 @@ def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None
     the similarities, one per offset: how sharply, and where, it peaks in depth (the gates'
     depth probe is ``DEPTH_PROBE_MM``; ``bench/depth_bias.py``).
     """
-    level_image, level_intrinsics = model.resize_for_network(
-        image, intrinsics, _level_size(intrinsics, size))
-    mask = exposed_mask(level_image)
+    level_image, level_intrinsics, mask = _finest_input(image, intrinsics, size)
     level = _make_level(projector, level_image, mask, level_intrinsics, size, similarity, 0.0)
     pose = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
     centre = torch.as_tensor(_view_centre(pose.numpy(), centre_ct, mask, level_intrinsics))
     zero = torch.zeros(6, dtype=torch.float64)
     clock = _Clock(math.inf)
     with _one_torch_thread():
-        polarity = 1.0 if _Objective(level, pose, centre, 1.0, similarity, clock).similarity(
-            zero) >= 0.0 else -1.0
+        polarity = _polarity_at(level, pose, centre, similarity, clock)
         return np.array([_Objective(level, _along_beam(pose, centre, offset), centre, polarity,
                                     similarity, clock).similarity(zero)
                          for offset in offsets_mm])
