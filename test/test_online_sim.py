@@ -1,4 +1,5 @@
 """Tests of online training data: the patient file, the torch simulator and the appearance."""
+import dataclasses
 import json
 from pathlib import Path
 import subprocess
@@ -119,6 +120,26 @@ def test_random_appearance_is_reproducible_varied_and_labels_only_exposed_bone(v
     contrast = [float(image[i, 0][bone[i]].mean() - image[i, 0][~bone[i]].mean())
                 for i in range(24) if bone[i].any() and (~bone[i]).any()]
     assert min(contrast) < 0 < max(contrast)
+
+
+def test_table_is_crossed_whichever_way_the_beam_runs(volumes):
+    """The table slab adds its path for rays from under the table (-y, the C-arm's) and above."""
+    ranges = dataclasses.replace(appearance.AppearanceRanges(), table_probability=1.0,
+                                 table_gap_mm=(5.0, 5.0), table_thickness_mm=(20.0, 20.0),
+                                 table_density=(0.2, 0.2))
+    draw = appearance.RandomAppearance(volumes, 'cpu', ranges)
+    below, above = volumes.posterior_mm + 600.0, volumes.posterior_mm - 400.0
+    sources = torch.tensor([[0.0, below, 0.0], [0.0, above, 0.0], [0.0, below, 0.0]])
+    tilted = torch.tensor([0.0, -0.8, 0.6])
+    directions = torch.stack([torch.tensor([[0.0, -1.0, 0.0], tilted, [1.0, 0.0, 0.0]]),
+                              torch.tensor([[0.0, 1.0, 0.0]] * 3),
+                              torch.tensor([[0.0, 1.0, 0.0]] * 3)])  # away from the table
+    path = draw.table_path(torch.Generator().manual_seed(0), sources, directions)
+    assert torch.allclose(path[0, 0], torch.tensor(4.0))            # 20 mm at density 0.2
+    assert torch.allclose(path[0, 1], torch.tensor(4.0 / 0.8))      # slanted: longer chord
+    assert path[0, 2] == 0.0                                        # parallel to the slab
+    assert torch.allclose(path[1], torch.tensor(4.0))               # from above, downwards
+    assert (path[2] == 0.0).all()                                   # pointing away from it
 
 
 def test_patient_file_errors_are_clear(tmp_path):

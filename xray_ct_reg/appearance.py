@@ -136,12 +136,14 @@ class RandomAppearance:
             generator, r.table_probability, count)
         dy = directions[..., 1]
         safe = torch.where(dy.abs() < 1e-6, torch.full_like(dy, 1e-6), dy)
-        t0 = (top[:, None] - sources[:, 1:2]) / safe
-        t1 = (bottom[:, None] - sources[:, 1:2]) / safe
-        # the detector is a source-to-detector distance away along the beam
-        inside = (torch.minimum(t1, torch.full_like(t1, geometry.CIOS_FUSION_SDD_MM))
-                  - torch.maximum(torch.minimum(t0, t1), torch.zeros_like(t0)))
-        inside = torch.minimum(inside, torch.maximum(t0, t1) - torch.minimum(t0, t1))
+        t_top = (top[:, None] - sources[:, 1:2]) / safe
+        t_bottom = (bottom[:, None] - sources[:, 1:2]) / safe
+        # a ray enters the slab at the nearer face and leaves at the farther, whichever way it
+        # runs (from a source under the table, towards -y); the detector is a
+        # source-to-detector distance away along the beam
+        enter, leave = torch.minimum(t_top, t_bottom), torch.maximum(t_top, t_bottom)
+        inside = (torch.minimum(leave, torch.full_like(leave, geometry.CIOS_FUSION_SDD_MM))
+                  - enter.clamp(min=0.0))
         return inside.clamp(min=0.0) * density[:, None]
 
     def metal_paths(self, generator, K, size):
