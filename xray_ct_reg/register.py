@@ -138,13 +138,12 @@ class Result:
     ``pose`` is T_imager_ct (4x4, mm), or None when no estimate was possible.
     ``reprojection_error_px`` is the median inlier reprojection error in pixels of the input
     image. ``covariance`` is 6x6 in the order x y z rx ry rz (mm, rad): translation of the pose,
-    then a small rotation about the imager axes applied on the left. It comes from the
+    then a small rotation about the imager axes applied on the left. SCR only, it comes from the
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
-    relative confidence, not as a calibrated error bound. With intensity refinement it is still
-    the PnP stage's (the refined pose is usually far better); a tracked pose (``tracked``) has
-    the refinement's, from the similarity's curvature (diagonal across and along the beam, and
-    in the rotations). ``inlier_spread`` is the gate's
-    measure of how the inlier pixels cover the image. With intensity refinement,
+    relative confidence, not as a calibrated error bound. With intensity refinement (tracked or
+    not) it is the refinement's, from the similarity's curvature (diagonal across and along the
+    beam, and in the rotations), whenever the refinement scored a pose. ``inlier_spread`` is the
+    gate's measure of how the inlier pixels cover the image. With intensity refinement,
     ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
     """
 
@@ -332,13 +331,14 @@ class Registrar:
                               covariance=info.covariance, timings_ms=timings,
                               scr_pose=np.asarray(prior_pose, dtype=float))
 
+        tick = time.perf_counter()
         small, small_intrinsics = scr_model.resize_for_network(image, intrinsics,
                                                                self.network_size)
         try:
             tensor = scr_model.prepare_input(small)
         except ValueError as error:  # validated already: only "no contrast" remains
             return rejected(str(error))
-        timings['preprocess'] = 1e3 * (time.perf_counter() - start)
+        timings['preprocess'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
         prediction = self.model.predict(tensor)
@@ -380,6 +380,8 @@ class Registrar:
             fields['pose'], fields['refinement'], accepted, reason = refine_and_judge(
                 self.projector, image, intrinsics, pose, self.bone_centroid, config)
             timings['intensity_refine'] = 1e3 * (time.perf_counter() - tick)
+            if fields['refinement'].covariance is not None:  # the refined pose's own
+                fields['covariance'] = fields['refinement'].covariance
         else:
             accepted, reason = quality_gates(pose, fields['inlier_count'],
                                              fields['inlier_ratio'], error_px, intrinsics,
