@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the embedded chest patient's SCR network on one GPU, online (fresh simulated views every
-# step), within 8 minutes from a cold start. Needs only python3 with torch, numpy, scipy, OpenCV
-# and matplotlib (no Open3D, SimpleITK or ROS): the inputs are this source tree and the patient
+# step), within 8 minutes from a cold start. Needs only python3 with torch, numpy, scipy, OpenCV,
+# matplotlib and tqdm (no Open3D, SimpleITK or ROS): the inputs are this source tree and the patient
 # file models/chest_example_patient.npz (xray-ct-reg export-patient --ct example --out ...).
 #
 #   scripts/train_on_device.sh OUT_DIR [MINUTES]

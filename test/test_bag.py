@@ -73,3 +73,32 @@ def test_record_and_replay_offline(tmp_path, storage, checkpoint):
     with Reader(out_bag) as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
     assert counts.get('/tf', 0) == accepted and counts.get(bag.TRUE_POSE_TOPIC) == 2
+
+
+def test_replay_reports_bad_inputs_without_a_traceback(tmp_path, checkpoint, capsys):
+    """A missing or broken bag, CT or checkpoint: exit status 2 and one clear line, no output."""
+    garbage = tmp_path / 'garbage'
+    garbage.mkdir()
+    (garbage / 'metadata.yaml').write_text('rosbag2_bagfile_information: [')
+    broken_model = tmp_path / 'broken.pt'
+    broken_model.write_bytes(b'not a checkpoint')
+    out_json = tmp_path / 'out.json'
+    cases = (([str(tmp_path / 'missing')], 'does not exist'),
+             ([str(garbage)], 'not a readable rosbag2'),
+             ([str(garbage), '--ct', str(tmp_path / 'no_ct.nii.gz')], 'no_ct'),
+             ([str(garbage), '--refine'], 'needs --ct'))
+    for argv, message in cases:
+        args = _parse(bag.add_replay_arguments,
+                      argv + ['--model', str(checkpoint), '--out-json', str(out_json)])
+        assert bag.run_replay(args) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    recorded = tmp_path / 'sim'
+    assert bag.run_bag_record_sim(_parse(bag.add_bag_record_sim_arguments,
+                                         ['--out', str(recorded), '-n', '1', '--size', '64'])) == 0
+    args = _parse(bag.add_replay_arguments, [str(recorded), '--model', str(broken_model)])
+    assert bag.run_replay(args) == 2
+    assert 'error:' in capsys.readouterr().err
+    assert not out_json.exists()
+    args = _parse(bag.add_bag_record_sim_arguments,
+                  ['--out', str(tmp_path / 'never'), '--ct', str(tmp_path / 'no_ct.nii.gz')])
+    assert bag.run_bag_record_sim(args) == 2 and not (tmp_path / 'never').exists()

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from xray_ct_reg import ct, dataset, example_data, geometry, simulate
+from xray_ct_reg import train as training
 from xray_ct_reg.drr import DRRProjector
 from xray_ct_reg.xray_physics import MaterialProjector
 
@@ -182,13 +183,12 @@ def test_dataset_is_deterministic_and_readable(simulator, tmp_path):
                                   'local_views': manifest['counts']['local_views'],
                                   'collimated': manifest['counts']['collimated']}
     assert (tmp_path / 'a' / 'contact_sheet.png').stat().st_size > 1000
-    train, val = dataset.ShardDataset(tmp_path / 'a'), dataset.ShardDataset(tmp_path / 'a', 'val')
-    assert len(train) == 5 and len(val) == 1
-    item = val[0]
-    assert item['entry'].shape == (32, 32, 3) and item['entry'].dtype == np.float32
-    assert item['hit'].dtype == bool and item['pose'].shape == (4, 4)
+    train, val = (training.load_split(tmp_path / 'a', split) for split in ('train', 'val'))
+    assert len(train['K']) == 5 and len(val['K']) == 1
+    assert val['entry'].shape == (1, 32, 32, 3) and val['entry'].dtype == np.float32
+    assert val['hit'].dtype == bool and val['K'].shape == (1, 3, 3)
     with np.load(tmp_path / 'a' / 'shard_00001.npz') as shard:
-        np.testing.assert_array_equal(shard['entry'][1], item['entry'])
+        np.testing.assert_array_equal(shard['entry'][1], val['entry'][0])
         assert shard['index'][1] == 5
     assert not list(tmp_path.glob('.*tmp*'))  # no leftovers of the atomic write
     with pytest.raises(FileExistsError):

