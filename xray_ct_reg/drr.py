@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from xray_ct_reg.geometry import pixel_centers
-from xray_ct_reg.raymarch import clip_rays_to_box
+from xray_ct_reg.raymarch import clip_rays_to_box, pixel_rays, sample_weights
 
 MU_WATER_PER_MM = 0.02
 # Extra attenuation per HU above BONE_ONSET_HU, relative to soft tissue's. CT numbers are
@@ -121,14 +121,11 @@ class DRRProjector:
         """
         dtype = torch.float64
         pose = pose.to(device=self.device, dtype=dtype)
-        rotation, translation = pose[:3, :3], pose[:3, 3]
         pixels = torch.as_tensor(pixel_centers(intrinsics.width, intrinsics.height).reshape(-1, 2),
                                  dtype=dtype, device=self.device)
-        homogeneous = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
         k_inverse = torch.as_tensor(np.linalg.inv(intrinsics.K), dtype=dtype, device=self.device)
-        directions = homogeneous @ k_inverse.T @ rotation  # rows: R^T K^-1 [u, v, 1]
-        directions = directions / directions.norm(dim=1, keepdim=True)
-        source = -rotation.T @ translation
+        sources, directions = pixel_rays(pose[None], k_inverse[None], pixels)
+        source, directions = sources[0], directions[0]
         # Into continuous index space; t keeps its meaning (mm along the ray).
         to_index = torch.as_tensor(self._physical_to_index, dtype=dtype, device=self.device)
         origin = torch.as_tensor(self._origin, dtype=dtype, device=self.device)
@@ -144,8 +141,7 @@ class DRRProjector:
                  * scale - 1.0).to(torch.float32)
         delta = (directions_index * (self.step_mm * scale)).to(torch.float32)
         index = torch.arange(count, dtype=torch.float32, device=self.device)
-        weights = ((length.to(torch.float32)[:, None] / self.step_mm - index[None])
-                   .clamp(0.0, 1.0) * self.step_mm)
+        weights = sample_weights(length.to(torch.float32), count, self.step_mm)
         sums = []
         for first in range(0, len(start), self.chunk_rays):  # chunks keep the grid in cache
             rays = slice(first, first + self.chunk_rays)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from xray_ct_reg import geometry, views
-from xray_ct_reg.raymarch import clip_rays_to_box
+from xray_ct_reg.raymarch import clip_rays_to_box, pixel_rays, sample_weights
 
 
 class _DeviceGrid:
@@ -98,12 +98,7 @@ class OnlineSimulator:
         """Sources (B, 3) and unit directions (B, R, 3) in CT mm of every pixel-centre ray."""
         poses = torch.as_tensor(poses, dtype=torch.float64, device=self.device)
         K = torch.as_tensor(intrinsics, dtype=torch.float64, device=self.device)
-        rotation, translation = poses[:, :3, :3], poses[:, :3, 3]
-        homogeneous = torch.cat([self.pixels, torch.ones_like(self.pixels[:, :1])], dim=1)
-        camera = torch.einsum('bij,rj->bri', torch.linalg.inv(K), homogeneous)
-        directions = torch.einsum('bri,bij->brj', camera, rotation)  # R^T K^-1 [u, v, 1]
-        directions = directions / directions.norm(dim=-1, keepdim=True)
-        sources = -torch.einsum('bji,bj->bi', rotation, translation)
+        sources, directions = pixel_rays(poses, torch.linalg.inv(K), self.pixels)
         return sources.float(), directions.float()
 
     # ------------------------------------------------------------------ marching
@@ -138,8 +133,7 @@ class OnlineSimulator:
             t = t_near[views_slice, :, None] + (index + 0.5) * self.drr_step_mm
             points = source_index[views_slice, :, None] + t[..., None] * step_index[
                 views_slice, :, None]
-            weights = ((length[views_slice, :, None] / self.drr_step_mm - index)
-                       .clamp(0.0, 1.0) * self.drr_step_mm)
+            weights = sample_weights(length[views_slice], samples, self.drr_step_mm)
             clamp = (extension[views_slice] > 0)[:, None, None].expand(points.shape[:-1])
             values = grid.sample(points, clamp)                      # (C, b, R, S)
             out.append((values * weights).sum(dim=-1).permute(1, 0, 2))

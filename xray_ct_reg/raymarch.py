@@ -2,6 +2,31 @@
 import torch
 
 
+def pixel_rays(poses, k_inverse, pixels):
+    """Sources (B, 3) and unit directions (B, R, 3), CT mm, of the rays through ``pixels``.
+
+    ``poses`` (B, 4, 4) T_imager_ct, ``k_inverse`` (B, 3, 3) inverse intrinsics and ``pixels``
+    (R, 2) pixel (u, v) coordinates, tensors of one dtype. A ray leaves the source -R^T t along
+    R^T K^-1 [u, v, 1] (``geometry.backproject_rays`` is the numpy form for a few pixels).
+    """
+    rotation, translation = poses[:, :3, :3], poses[:, :3, 3]
+    homogeneous = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
+    directions = homogeneous @ k_inverse.transpose(1, 2) @ rotation
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    sources = -(rotation.transpose(1, 2) @ translation[..., None])[..., 0]
+    return sources, directions
+
+
+def sample_weights(length, count, step_mm):
+    """Weights (..., count) of ``count`` samples one ``step_mm`` apart along rays of ``length``.
+
+    Sample i sits in the middle of step i and stands for the length of the ray in that step:
+    ``step_mm``, less for the last partial step, 0 past the ray's end (``length`` (...,) mm).
+    """
+    index = torch.arange(count, dtype=length.dtype, device=length.device)
+    return (length[..., None] / step_mm - index).clamp(0.0, 1.0) * step_mm
+
+
 def clip_rays_to_box(source_index, directions_index, lower, upper):
     """Distances (mm) where rays enter and leave the box [lower, upper] of index space.
 
