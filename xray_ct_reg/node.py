@@ -25,8 +25,6 @@ import threading
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import SetParametersResult
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -380,24 +378,7 @@ class RegistrationNode(LifecycleNode):
 
 def main(args=None) -> int:
     """Run the node until SIGINT/SIGTERM; return the process exit status (0 on a clean stop)."""
-    ros_io.select_transport_profile()
-    rclpy.init(args=args)
-    node = None
-    executor = SingleThreadedExecutor()
-    try:
-        node = RegistrationNode()
-        executor.add_node(node)
-        node.start()
-        ros_io.spin_until_shutdown(executor)
-    finally:
-        if node is not None:
-            node.stop()
-            node.destroy_node()
-        executor.shutdown()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
-
+    return ros_io.run_node(RegistrationNode, args)
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -15,6 +15,7 @@ import sys
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
 import numpy as np
+import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -93,6 +94,35 @@ def spin_until_shutdown(executor):
     except rclpy_implementation.RCLError:
         if executor.context.ok():
             raise
+
+
+def run_node(build, args=None):
+    """A node's process: rclpy up, ``build()``'s node spun until a stop, then torn down; 0.
+
+    A node with ``start`` / ``stop`` methods gets them called after it joins the executor and
+    before it is destroyed. The Fast DDS transport profile is chosen first
+    (``select_transport_profile``).
+    """
+    from rclpy.executors import SingleThreadedExecutor
+    select_transport_profile()
+    rclpy.init(args=args)
+    node = None
+    executor = SingleThreadedExecutor()
+    try:
+        node = build()
+        executor.add_node(node)
+        if hasattr(node, 'start'):
+            node.start()
+        spin_until_shutdown(executor)
+    finally:
+        if node is not None:
+            if hasattr(node, 'stop'):
+                node.stop()
+            node.destroy_node()
+        executor.shutdown()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
 
 
 def parameter_descriptor(spec):

@@ -14,8 +14,6 @@ import sys
 
 from geometry_msgs.msg import PoseStamped
 import numpy as np
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -191,22 +189,7 @@ class SimulatedCarm(Node):
 
 def main(args=None) -> int:
     """Run the simulated C-arm until SIGINT; return the exit status."""
-    ros_io.select_transport_profile()
-    rclpy.init(args=args)
-    node = None
-    executor = SingleThreadedExecutor()
-    try:
-        node = SimulatedCarm()
-        executor.add_node(node)
-        ros_io.spin_until_shutdown(executor)
-    finally:
-        if node is not None:
-            node.destroy_node()
-        executor.shutdown()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
-
+    return ros_io.run_node(SimulatedCarm, args)
 
 if __name__ == '__main__':
     sys.exit(main())
