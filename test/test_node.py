@@ -373,13 +373,18 @@ def _bad_inputs(frame):
     bad_k = geometry.Intrinsics(np.eye(3), frame.intrinsics.width, frame.intrinsics.height)
     zero_k_info = ros_io.intrinsics_to_camera_info(bad_k)
     zero_k_info.k = [0.0] * 9
+    distorted_info = ros_io.intrinsics_to_camera_info(frame.intrinsics)
+    distorted_info.d = [-0.3, 0.1, 0.0, 0.0, 0.0]
     return [
         ('wrong encoding', dict(image=rgb), 'unsupported image encoding'),
         ('empty image', dict(image=empty), 'empty image'),
         ('NaN image', dict(image=nan, encoding='32FC1'), 'NaN'),
         ('size mismatch', dict(image=frame.image[:128]), 'does not match CameraInfo'),
         ('missing CameraInfo', dict(image=frame.image, info=False), 'no CameraInfo'),
-        ('zero K', dict(image=frame.image, zero_k=zero_k_info), 'invalid CameraInfo K'),
+        ('zero K', dict(image=frame.image, camera_info=zero_k_info), 'invalid CameraInfo K'),
+        ('distortion', dict(image=frame.image, camera_info=distorted_info), 'distortion'),
+        ('frame_id = ct_frame', dict(image=frame.image, frame_id='ct'), 'to itself'),
+        ('frame_id with a slash', dict(image=frame.image, frame_id='/carm'), 'valid TF frame id'),
     ]
 
 
@@ -389,15 +394,15 @@ def test_bad_input_is_reported_and_survived(harness, frames, untrained_model):
     node.wait_ready()
     frame = frames[0]
     for name, kwargs, reason in _bad_inputs(frame):
-        zero_k = kwargs.pop('zero_k', None)
+        camera_info = kwargs.pop('camera_info', None)
         errors = int(node.diag()[2]['errors'])
-        if zero_k is not None:
+        if camera_info is not None:
             from std_msgs.msg import Header
             stamp = time.time_ns()
             header = Header(frame_id='carm')
             header.stamp.sec, header.stamp.nanosec = divmod(stamp, 1_000_000_000)
-            zero_k.header = header
-            node.info_pub.publish(zero_k)
+            camera_info.header = header
+            node.info_pub.publish(camera_info)
             node.publish(kwargs['image'], frame.intrinsics, stamp_ns=stamp, info=False)
         else:
             node.publish(intrinsics=frame.intrinsics, **kwargs)
@@ -409,7 +414,7 @@ def test_bad_input_is_reported_and_survived(harness, frames, untrained_model):
     assert not node.tf and not node.poses, 'bad input produced a pose'
 
 
-def test_model_ct_mismatch_fails_configure(harness, tmp_path, patient):
+def test_model_ct_mismatch_or_a_bad_ct_frame_fails_configure(harness, tmp_path, patient):
     from xray_ct_reg import model
     network = model.SCRNet()
     network.set_normalisation(patient.bone_centroid, patient.bone_radius)
@@ -417,8 +422,9 @@ def test_model_ct_mismatch_fails_configure(harness, tmp_path, patient):
     model.save_checkpoint(other, network, {'ct_sha256': '0' * 64, 'image_size': 128})
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(b'not a checkpoint')
-    for path, reason in ((other, 'another CT'), (corrupt, 'corrupt.pt')):
-        node = harness(path, '-p', 'ct_path:=example')
+    for path, extra, reason in ((other, (), 'another CT'), (corrupt, (), 'corrupt.pt'),
+                                (other, ('-p', 'ct_frame:=my ct'), 'valid TF frame id')):
+        node = harness(path, '-p', 'ct_path:=example', *extra)
         level, message, values = node.wait_diag(
             lambda _l, _m, v: v['last_verdict'] == 'error', seconds=60.0)
         assert reason in values['last_reason'] and 'configure failed' in message, values

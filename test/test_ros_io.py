@@ -4,7 +4,7 @@ import array
 from geometry_msgs.msg import TransformStamped
 import numpy as np
 import pytest
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from xray_ct_reg import geometry, ros_io
@@ -95,6 +95,20 @@ def test_camera_info_bad_k_raises(k):
     msg = CameraInfo(width=10, height=10)
     msg.k = k
     with pytest.raises(ValueError, match='invalid CameraInfo K'):
+        ros_io.camera_info_to_intrinsics(msg, 1020.0)
+
+
+@pytest.mark.parametrize('field, value, fragment', [
+    ('d', [-0.4, 0.2, 0.0, 0.0, 0.0], 'distortion'), ('binning_x', 2, 'binning'),
+    ('roi', RegionOfInterest(x_offset=8, y_offset=8, width=32, height=32), 'region of interest')])
+def test_camera_info_that_would_make_k_wrong_raises(field, value, fragment):
+    """A distorted, binned or ROI image is refused, not registered as a pinhole image."""
+    msg = ros_io.intrinsics_to_camera_info(geometry.default_intrinsics(64))
+    full_roi = RegionOfInterest(width=64, height=64)  # a ROI of the whole image is fine
+    msg.roi, msg.binning_y = full_roi, 1
+    assert ros_io.camera_info_to_intrinsics(msg, 1020.0).width == 64
+    setattr(msg, field, value)
+    with pytest.raises(ValueError, match=fragment):
         ros_io.camera_info_to_intrinsics(msg, 1020.0)
 
 

@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from xray_ct_reg import stream
 from xray_ct_reg.stream import NodeConfig, PairingError, StreamCore
 
 KEY = ('carm', 'ct')
@@ -135,6 +136,21 @@ def test_stamps_tf2_would_drop_are_refused(clock, stamp, fragment):
     assert stats['busy'] is False, 'a refused frame must not mark the worker busy'
     # another frame pair (e.g. a second C-arm) has its own history
     assert core.offer_image('other imager', 4 * SECOND, ('carm2', 'ct'))[1] == ''
+
+
+def test_a_jump_back_beyond_the_tf_cache_or_an_activation_starts_the_stamp_order_anew(clock):
+    """A replay looping or a clock reset must not stop publishing for good."""
+    core = make_core(clock)
+    core.offer_image('published', 30 * SECOND, KEY)
+    assert core.claim_stamp(core.take()) == ''
+    within = 30 * SECOND - stream.TF_CACHE_NS + 1
+    assert 'older than' in core.offer_image('back a little', within, KEY)[1]
+    frame, refusal = core.offer_image('looped', 30 * SECOND - stream.TF_CACHE_NS - 1, KEY)
+    assert refusal == ''
+    assert core.claim_stamp(core.take()) == '' and core.stats()['stamp_restarts'] == 1
+    assert core.offer_image('in order again', 21 * SECOND, KEY)[1] == ''
+    core.reset()
+    assert core.offer_image('after activation', 5 * SECOND, KEY)[1] == ''
 
 
 def test_claim_stamp_refuses_a_stamp_published_while_registering(clock):

@@ -124,6 +124,7 @@ class RegistrationNode(LifecycleNode):
         try:
             values = self._values()
             self._core.config = settings.build(NodeConfig, values)
+            ros_io.check_frame_id(self._core.config.ct_frame, 'ct_frame')
             self._registrar, self._patient = self._load_registrar(
                 settings.build(RegistrationConfig, values))
         except Exception as error:  # noqa: BLE001 - any failure must fail the transition
@@ -223,7 +224,8 @@ class RegistrationNode(LifecycleNode):
             Image, self._config.image_topic, self._on_image, qos, event_callbacks=events)]
         if self._config.use_camera_info:
             self._subscriptions_list.append(self.create_subscription(
-                CameraInfo, self._config.camera_info_topic, self._on_camera_info, qos))
+                CameraInfo, self._config.camera_info_topic, self._on_camera_info, qos,
+                event_callbacks=events))
         self._worker = threading.Thread(target=self._worker_loop, name='registration',
                                         daemon=True)
         self._worker.start()
@@ -293,8 +295,10 @@ class RegistrationNode(LifecycleNode):
         """Register one frame and publish the outputs when the result is accepted."""
         msg = frame.payload
         image = ros_io.image_to_array(msg)
-        if not msg.header.frame_id:
-            raise ValueError('image header has no frame_id (needed as the TF parent)')
+        ros_io.check_frame_id(msg.header.frame_id, 'image header frame_id (the TF parent)')
+        if msg.header.frame_id == self._config.ct_frame:
+            raise ValueError(f'image frame_id equals ct_frame {self._config.ct_frame!r}: a '
+                             'transform from a frame to itself')
         intrinsics = self._intrinsics(frame, image.shape[1], image.shape[0])
         if intrinsics is None:
             return
@@ -361,8 +365,11 @@ class RegistrationNode(LifecycleNode):
         if verdict in ('rejected', 'error'):
             message += f": {values['last_reason']}"
         warning = ''
-        if self._state == 'active':
-            warning = self._core.warning(self.count_publishers(self._config.image_topic))
+        if self._state == 'active' and self._subscriptions_list:  # the name as remapped
+            warning = self._core.warning(
+                self.count_publishers(self._subscriptions_list[0].topic_name))
+        else:  # a monitor must not read a node that publishes nothing as healthy
+            warning = f'not publishing: lifecycle state {self._state}'
         if warning:
             level = max(level, DiagnosticStatus.WARN)
             message += f' | warning: {warning}'
@@ -379,6 +386,7 @@ class RegistrationNode(LifecycleNode):
 def main(args=None) -> int:
     """Run the node until SIGINT/SIGTERM; return the process exit status (0 on a clean stop)."""
     return ros_io.run_node(RegistrationNode, args)
+
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -96,6 +96,16 @@ def spin_until_shutdown(executor):
             raise
 
 
+def check_frame_id(frame_id, what):
+    """Raise ValueError unless ``frame_id`` is a TF frame id tf2 accepts (``what`` names it).
+
+    Not empty, no leading '/' (ROS 2 frame ids have none), no whitespace.
+    """
+    if not frame_id or frame_id.startswith('/') or any(c.isspace() for c in frame_id):
+        raise ValueError(f'{what} {frame_id!r} is not a valid TF frame id (non-empty, no '
+                         "leading '/', no spaces)")
+
+
 def run_node(build, args=None):
     """A node's process: rclpy up, ``build()``'s node spun until a stop, then torn down; 0.
 
@@ -220,13 +230,31 @@ def array_to_image_msg(image, encoding, header=None):
 def camera_info_to_intrinsics(msg, sdd_mm):
     """Intrinsics from a sensor_msgs/CameraInfo; ``sdd_mm`` turns K into detector mm.
 
-    Raises ValueError for a zero, NaN or otherwise invalid K or image size.
+    The image must be the pinhole image K describes. Raises ValueError for a zero, NaN or
+    otherwise invalid K or image size, and for what would make K wrong for it: non-zero
+    distortion coefficients D (an image intensifier's pincushion: rectify first, e.g. with
+    image_proc, and send the rectified image with a CameraInfo of D = 0), binning or a region
+    of interest.
     """
     k = np.asarray(msg.k, dtype=float)
     if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
         raise ValueError(f'invalid CameraInfo K {k.tolist()} (zero, NaN or non-positive focal)')
     if int(msg.width) <= 0 or int(msg.height) <= 0:
         raise ValueError(f'invalid CameraInfo size {msg.width}x{msg.height}')
+    distortion = np.asarray(msg.d, dtype=float)
+    if distortion.size and not np.all(distortion == 0.0):
+        raise ValueError(f'CameraInfo has distortion ({msg.distortion_model} D = '
+                         f'{distortion.tolist()}): registration needs an undistorted image '
+                         '(rectify it, and send a CameraInfo with D = 0)')
+    if max(int(msg.binning_x), 1) != 1 or max(int(msg.binning_y), 1) != 1:
+        raise ValueError(f'CameraInfo binning {msg.binning_x}x{msg.binning_y} is not '
+                         'supported: send K and size of the binned image, binning 0 or 1')
+    roi = msg.roi
+    if (roi.x_offset, roi.y_offset) != (0, 0) or (
+            (roi.width, roi.height) not in ((0, 0), (msg.width, msg.height))):
+        raise ValueError(f'CameraInfo region of interest {roi.width}x{roi.height} at '
+                         f'({roi.x_offset}, {roi.y_offset}) is not supported: send K and size '
+                         'of the cropped image, with no ROI')
     return geometry.Intrinsics.from_camera_info(k, int(msg.width), int(msg.height), sdd_mm)
 
 

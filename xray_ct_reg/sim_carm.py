@@ -191,5 +191,6 @@ def main(args=None) -> int:
     """Run the simulated C-arm until SIGINT; return the exit status."""
     return ros_io.run_node(SimulatedCarm, args)
 
+
 if __name__ == '__main__':
     sys.exit(main())

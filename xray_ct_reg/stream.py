@@ -11,10 +11,13 @@ tested without DDS:
   frame that arrives first waits up to ``camera_info_timeout_s`` after its arrival for its own.
   Only when ``use_latest_camera_info`` is set does a frame fall back to the newest CameraInfo.
   Pairings, fallbacks and failures are counted.
-* **Stamp rules** - tf2 drops a transform stamped zero, older than the newest one it holds for
-  that frame, or repeating a stamp (TF_OLD_DATA, TF_REPEATED_DATA). So a frame stamped zero, or
-  not newer than the last published transform of the same frame pair, is refused on arrival,
-  and again just before publishing (:meth:`StreamCore.claim_stamp`).
+* **Stamp rules** - tf2 drops a transform stamped zero or repeating a stamp it holds
+  (TF_REPEATED_DATA), and one more than its cache (``TF_CACHE_NS``, 10 s) older than the newest
+  (TF_OLD_DATA). The transforms of a frame pair go out in stamp order: a frame stamped zero, or
+  not newer than the last published transform of its frame pair, is refused on arrival and
+  again just before publishing (:meth:`StreamCore.claim_stamp`). A stamp more than the cache
+  behind the last (a replay looping, a C-arm clock reset) starts the order anew and is counted
+  (``stamp_restarts``); each activation starts it anew too.
 * **Statistics** - counters, rates, arrival-to-verdict and stamp-to-TF latency percentiles, and
   the input warnings: a publisher whose QoS is incompatible, and "no frames", raised only when a
   publisher exists, the node is idle and nothing at all has arrived since activation for
@@ -33,6 +36,7 @@ from xray_ct_reg.settings import setting
 CAMERA_INFO_CACHE = 64        # CameraInfo messages kept for pairing by stamp
 STATS_WINDOW = 200            # frames kept for latency percentiles
 RATE_WINDOW_S = 10.0          # seconds over which rates are computed
+TF_CACHE_NS = 10 * 10**9      # tf2's default cache: older than the newest by more is dropped
 QOS_PROFILES = ('sensor_data', 'reliable')
 
 
@@ -54,8 +58,8 @@ class NodeConfig:
         '', "CT the model was trained for, checked against the checkpoint (another CT: configure "
         "fails); needed for intensity refinement and the overlay. '': none (SCR only), "
         "'example': the embedded chest CT")
-    ct_frame: str = setting('ct', 'TF frame id of the CT (child frame of the published '
-                                  'transform)', live=True)
+    ct_frame: str = setting('ct', 'TF frame id of the CT: child frame of the published '
+                                  'transform (its parent with publish_inverse)')
     image_topic: str = setting(
         '/carm/image_raw', 'X-ray image topic (sensor_msgs/Image: '
         f"{', '.join(image_io.IMAGE_ENCODINGS)})")
@@ -86,7 +90,7 @@ class NodeConfig:
         'ct_path', live=True)
     publish_inverse: bool = setting(
         False, 'publish CT -> image frame on TF instead, for trees where the CT frame already '
-        'has a parent', live=True)
+        'has a parent')
     no_frame_warning_s: float = setting(
         30.0, 'warn on /diagnostics when the image topic has publishers, the node is idle and no '
         'frame at all arrived this long after activation (s)', limits=(0.5, 3600.0), live=True)
@@ -145,12 +149,12 @@ class StreamCore:
         self.config = config or NodeConfig()
         self._clock = clock
         self._cond = threading.Condition()
-        self._last_published = {}      # tf_key -> stamp (ns) of the last published transform
         self.reset()
 
     def reset(self):
-        """Empty the mailbox and caches and zero the counters (on activate)."""
+        """Empty the mailbox and caches, zero the counters, start the stamp order (on activate)."""
         with self._cond:
+            self._last_published = {}  # tf_key -> stamp (ns) of the last published transform
             self._pending = None
             self._tracks = {}          # tf_key -> (stamp ns, pose) of the last accepted frame
             self._current = None       # the frame the worker is registering
@@ -172,11 +176,15 @@ class StreamCore:
         if stamp_ns <= 0:
             return 'image stamp is zero: tf2 drops such transforms (set header.stamp)'
         last = self._last_published.get(tf_key)
-        if last is not None and stamp_ns <= last:
-            kind = 'repeats' if stamp_ns == last else 'is older than'
-            return (f'image stamp {stamp_ns * 1e-9:.6f} s {kind} the last published transform '
-                    f'{tf_key[0]} -> {tf_key[1]} ({last * 1e-9:.6f} s): tf2 would drop it')
-        return ''
+        if last is None or stamp_ns > last or stamp_ns < last - TF_CACHE_NS:
+            return ''  # in order, or far enough back to start the order anew
+        prefix = f'image stamp {stamp_ns * 1e-9:.6f} s'
+        pair = f'{tf_key[0]} -> {tf_key[1]} ({last * 1e-9:.6f} s)'
+        if stamp_ns == last:
+            return f'{prefix} repeats the last published transform {pair}: tf2 would drop it'
+        return (f'{prefix} is older than the last published transform {pair}: a frame pair\'s '
+                f'transforms go out in stamp order (a jump back of more than '
+                f'{TF_CACHE_NS * 1e-9:g} s starts it anew)')
 
     def offer_image(self, payload, stamp_ns, tf_key):
         """A frame arrived: put it in the mailbox. Returns (frame, refusal reason or '').
@@ -260,9 +268,12 @@ class StreamCore:
             refusal = self.stamp_refusal(frame.stamp_ns, frame.tf_key)
             if refusal:
                 self._counts['stamp_refused'] += 1
-            else:
-                self._last_published[frame.tf_key] = frame.stamp_ns
-            return refusal
+                return refusal
+            last = self._last_published.get(frame.tf_key)
+            if last is not None and frame.stamp_ns < last:
+                self._counts['stamp_restarts'] += 1
+            self._last_published[frame.tf_key] = frame.stamp_ns
+            return ''
 
     def remember_pose(self, frame, pose, tracked=False):
         """Keep an accepted (published) pose as the start for tracking the next frames.
@@ -353,6 +364,7 @@ class StreamCore:
                 'rejected': counts['rejected'],
                 'errors': counts['error'],
                 'stamp_refused': counts['stamp_refused'],
+                'stamp_restarts': counts['stamp_restarts'],
                 'tracked': counts['tracked'],
                 'camera_info_paired': counts['camera_info_paired'],
                 'camera_info_fallback': counts['camera_info_fallback'],
