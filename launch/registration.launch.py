@@ -20,7 +20,8 @@ from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
 
-PROFILE_VARIABLE = 'FASTRTPS_DEFAULT_PROFILES_FILE'
+PROFILE_VARIABLE = 'FASTRTPS_DEFAULT_PROFILES_FILE'  # Fast DDS 2.x (Jazzy)
+PROFILE_VARIABLE_3X = 'FASTDDS_DEFAULT_PROFILES_FILE'  # Fast DDS 3.x (Kilted and later)
 # launch argument -> node parameter it sets when given (empty: the parameter file's value stands)
 PATH_ARGUMENTS = {'model': 'model_path', 'ct': 'ct_path'}
 
@@ -55,10 +56,11 @@ def generate_launch_description():
                               description='configure and activate at start'),
         DeclareLaunchArgument(
             'transport_profile',
-            default_value=EnvironmentVariable(
-                PROFILE_VARIABLE,
-                default_value=os.path.join(share, 'config', 'fastdds_profile.xml')),
+            default_value=EnvironmentVariable(PROFILE_VARIABLE, default_value=EnvironmentVariable(
+                PROFILE_VARIABLE_3X,
+                default_value=os.path.join(share, 'config', 'fastdds_profile.xml'))),
             description='Fast DDS XML profile (shared memory for full-size frames)'),
         SetEnvironmentVariable(PROFILE_VARIABLE, LaunchConfiguration('transport_profile')),
+        SetEnvironmentVariable(PROFILE_VARIABLE_3X, LaunchConfiguration('transport_profile')),
         OpaqueFunction(function=_node),
     ])

@@ -20,7 +20,10 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Fast DDS transport profile for full-size C-arm frames (shared memory with large segments);
 # every process on the image path, publisher first, must load it. Keeps a profile already set.
 profile="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/config/fastdds_profile.xml"
-export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$profile}"
+# (Fast DDS 2.x reads the first name, 3.x the second.)
+if [[ -z "${FASTRTPS_DEFAULT_PROFILES_FILE:-}${FASTDDS_DEFAULT_PROFILES_FILE:-}" ]]; then
+    export FASTRTPS_DEFAULT_PROFILES_FILE="$profile" FASTDDS_DEFAULT_PROFILES_FILE="$profile"
+fi
 
 if [[ "${XRAY_CT_REG_SANDBOX:-}" == "1" ]]; then
     exec "$@"

@@ -1,5 +1,6 @@
 """The ROS boundary: image encodings, CameraInfo, and mm <-> metres pose conversion."""
 import array
+import os
 
 from geometry_msgs.msg import TransformStamped
 import numpy as np
@@ -174,3 +175,17 @@ def test_tf_publisher_uses_tf2_qos(rclpy_context):
         ros_io.destroy_tf_publisher(node, broadcaster)
     finally:
         node.destroy_node()
+
+
+def test_transport_profile_is_selected_for_both_fast_dds_generations(monkeypatch):
+    """Unset: both variables name the package's profile; a user's choice stands."""
+    for name in ros_io.PROFILE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv('RMW_IMPLEMENTATION', raising=False)
+    profile = ros_io.select_transport_profile()
+    assert profile.endswith('fastdds_profile.xml')
+    assert all(os.environ[name] == profile for name in ros_io.PROFILE_VARIABLES)
+    monkeypatch.delenv(ros_io.PROFILE_VARIABLES[0])
+    monkeypatch.setenv(ros_io.PROFILE_VARIABLES[1], '/mine.xml')
+    assert ros_io.select_transport_profile() == ''
+    assert os.environ[ros_io.PROFILE_VARIABLES[1]] == '/mine.xml'

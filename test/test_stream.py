@@ -153,6 +153,14 @@ def test_a_jump_back_beyond_the_tf_cache_or_an_activation_starts_the_stamp_order
     assert core.offer_image('after activation', 5 * SECOND, KEY)[1] == ''
 
 
+def test_nothing_is_claimed_for_publishing_after_stop(clock):
+    core = make_core(clock)
+    core.offer_image('registering', 3 * SECOND, KEY)
+    frame = core.take()
+    core.stop()
+    assert 'stopped' in core.claim_stamp(frame)
+
+
 def test_claim_stamp_refuses_a_stamp_published_while_registering(clock):
     """Two frames in flight with the same stamp: only the first may publish."""
     core = make_core(clock)

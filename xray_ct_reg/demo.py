@@ -211,9 +211,12 @@ def run_demo(args):
             Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
             Parameter('ct_path', value='example'),
             Parameter('intensity_refine', value=not args.no_refine)])
-        verdicts = {}
-        node.result_callback = lambda stamp, verdict, reason, result: verdicts.update(
-            {stamp: (verdict, reason, bool(result is not None and result.tracked))})
+        verdicts, verdicts_lock = {}, threading.Lock()  # written by the node's worker thread
+
+        def record(stamp, verdict, reason, result):
+            with verdicts_lock:
+                verdicts[stamp] = (verdict, reason, bool(result is not None and result.tracked))
+        node.result_callback = record
         listener = _Listener(context)
         if not node.start():
             print(f'registration node did not start: {node.stats()["last_reason"]}')
@@ -224,8 +227,10 @@ def run_demo(args):
 
         def finished():
             """Every frame published and judged, and every accepted one's TF received."""
-            judged = set(verdicts) | set(listener.poses)
-            accepted = {stamp for stamp, (verdict, _, _) in verdicts.items()
+            with verdicts_lock:
+                judged_now = dict(verdicts)
+            judged = set(judged_now) | set(listener.poses)
+            accepted = {stamp for stamp, (verdict, _, _) in judged_now.items()
                         if verdict == 'accepted'}
             return (sim.published >= args.frames and set(sim.published_stamps) <= judged
                     and accepted <= set(listener.poses))

@@ -310,7 +310,7 @@ class RegistrationNode(LifecycleNode):
             return
         refusal = self._core.claim_stamp(frame)
         if refusal:
-            self._report(frame, 'error', f'bad stamp: {refusal}', result)
+            self._report(frame, 'error', f'not published: {refusal}', result)
             return
         self._publish(msg, image, intrinsics, result)
         self._core.remember_pose(frame, result.pose, result.tracked)

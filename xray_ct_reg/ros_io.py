@@ -65,8 +65,9 @@ def select_transport_profile():
 
     Call before ``rclpy.init``. Full-size C-arm frames (2-5 MB) need the shared-memory
     transport with large segments (``config/fastdds_profile.xml``); Fast DDS reads the file
-    named by ``FASTRTPS_DEFAULT_PROFILES_FILE``. Returns the profile used ('' for none: another
-    RMW, or the variable already set).
+    named by ``FASTRTPS_DEFAULT_PROFILES_FILE`` (2.x, Jazzy) or ``FASTDDS_DEFAULT_PROFILES_FILE``
+    (3.x, Kilted): both are set. Returns the profile used ('' for none: another RMW, or a
+    variable already set).
     """
     if any(os.environ.get(name) for name in PROFILE_VARIABLES):
         return ''
@@ -74,7 +75,7 @@ def select_transport_profile():
         return ''
     profile = package_file(TRANSPORT_PROFILE)
     if profile:
-        os.environ[PROFILE_VARIABLES[0]] = profile
+        os.environ.update(dict.fromkeys(PROFILE_VARIABLES, profile))
     return profile
 
 

@@ -165,7 +165,7 @@ class SimulatedCarm(Node):
                            ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in self.frames]
         self.published = 0
         self.published_stamps = {}
-        """stamp (ns) -> index in ``frames`` of every frame published."""
+        """stamp (ns) -> index in ``frames`` of every frame published (with max_frames only)."""
         self._timer = self.create_timer(1.0 / config.rate_hz, self._tick)
         self.get_logger().info(f'publishing on {config.image_topic} at {config.rate_hz} Hz')
 
@@ -181,7 +181,8 @@ class SimulatedCarm(Node):
         self._info_pub.publish(info_msg)
         self._image_pub.publish(image_msg)
         self._pose_pub.publish(ros_io.pose_to_pose_stamped(self.frames[index].pose, header))
-        self.published_stamps[ros_io.stamp_to_ns(header.stamp)] = index
+        if self.config.max_frames:  # a finite run keeps them all; an endless one none
+            self.published_stamps[ros_io.stamp_to_ns(header.stamp)] = index
         self.published += 1
         if self.published == 1:  # the period counts from the first frame: a host that spins
             self._timer.reset()  # late gets it overdue, and the next would otherwise come early

@@ -263,8 +263,14 @@ class StreamCore:
                            'use_latest_camera_info to fall back to the newest one)')
 
     def claim_stamp(self, frame):
-        """Reserve the frame's stamp for publishing; returns '' or why it must not publish."""
+        """Reserve the frame's stamp for publishing; returns '' or why it must not publish.
+
+        After :meth:`stop` (the node deactivating while this frame was registered) nothing may
+        publish.
+        """
         with self._cond:
+            if self._stopped:
+                return 'the node stopped while the frame was registered'
             refusal = self.stamp_refusal(frame.stamp_ns, frame.tf_key)
             if refusal:
                 self._counts['stamp_refused'] += 1
