@@ -1,6 +1,9 @@
 """Benchmark of the SCR network on CPU: parameters, FLOPs, forward latency, time per epoch.
 
-Usage: ``python bench/train.py [--data DIR] [--width 12 --depth 4] [--threads 2]``. Prints a
+Usage: ``python bench/train.py [--model models/chest_example.pt | --width W --depth D]
+[--data DIR] [--threads 2]``. The network is the checkpoint's (default: the committed model;
+its width, depth and input size) or, with ``--width``/``--depth``, an untrained one of that
+shape. Forward latency is timed at the checkpoint's input size and at 128 and 256 px. Prints a
 table and writes bench/results/train.json. With ``--data`` it also times one training epoch
 (capped at ``--max-samples`` samples, extrapolated to the full split).
 """
@@ -61,9 +64,11 @@ def epoch_time_s(data, config, max_samples):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'),
+                        help='checkpoint whose network is timed')
     parser.add_argument('--data', help='dataset folder for the epoch timing')
-    parser.add_argument('--width', type=int, default=training.TrainConfig.width)
-    parser.add_argument('--depth', type=int, default=training.TrainConfig.depth)
+    parser.add_argument('--width', type=int, default=None, help='untrained network of this width')
+    parser.add_argument('--depth', type=int, default=None, help='... and depth')
     parser.add_argument('--train-size', type=int, default=None)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--runs', type=int, default=50)
@@ -72,23 +77,35 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    network = scr.SCRNet(1, args.width, args.depth).eval()
-    results = {'width': args.width, 'depth': args.depth, 'threads': args.threads,
+    sizes = [128, 256]
+    if args.width is None and args.depth is None:
+        network, metadata = scr.load_checkpoint(args.model)
+        network = network.float().eval()
+        sizes = sorted({int(max(metadata['image_size'])), *sizes})
+        source = args.model
+    else:
+        defaults = training.TrainConfig
+        network = scr.SCRNet(1, args.width or defaults.width, args.depth or defaults.depth).eval()
+        source = 'untrained'
+    args.width, args.depth = network.base_width, network.depth
+    results = {'network': source, 'width': args.width, 'depth': args.depth,
+               'threads': args.threads,
                'parameters': scr.count_parameters(network),
                'checkpoint_mb_fp16': 2 * scr.count_parameters(network) / 1e6,
                'machine': platform.processor() or platform.machine(),
                'torch': torch.__version__, 'latency_ms': {}, 'gflops': {}}
-    for size in (128, 256):
+    for size in sizes:
         results['gflops'][size] = scr.count_flops(network, size)['flops'] / 1e9
         results['latency_ms'][size] = forward_latency_ms(network, size, args.runs)
     if args.data:
         config = training.TrainConfig(data=args.data, out='', width=args.width,
                                       depth=args.depth, size=args.train_size)
         results['epoch'] = epoch_time_s(args.data, config, args.max_samples)
-    print(f"SCRNet width {args.width} depth {args.depth}: {results['parameters']:,} parameters "
+    print(f"SCRNet ({source}) width {args.width} depth {args.depth}: "
+          f"{results['parameters']:,} parameters "
           f"({results['checkpoint_mb_fp16']:.1f} MB fp16), {args.threads} threads")
     print(f"{'size':>6} {'GFLOPs':>8} {'p50 ms':>8} {'p95 ms':>8}")
-    for size in (128, 256):
+    for size in sizes:
         latency = results['latency_ms'][size]
         print(f"{size:>6} {results['gflops'][size]:>8.2f} {latency['p50']:>8.1f} "
               f"{latency['p95']:>8.1f}")

@@ -441,3 +441,55 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
     missing = subprocess.run(command[:4] + [str(tmp_path / 'none.png')] + command[5:],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and 'not found' in missing.stderr
+
+
+def test_register_cli_refuses_bad_geometry_and_output_before_registering(tmp_path, capsys):
+    """Bad geometry input or overlay path: exit 1 with one 'error:' line, nothing written.
+
+    Intrinsics files missing or malformed, pixel spacing 0, a non-square image without
+    geometry, an overlay folder that does not exist or an extension without a writer.
+    """
+    import cv2
+
+    from xray_ct_reg import cli
+    square, wide = tmp_path / 'square.png', tmp_path / 'wide.png'
+    cv2.imwrite(str(square), np.full((32, 32), 1000, np.uint16))
+    cv2.imwrite(str(wide), np.full((32, 48), 1000, np.uint16))
+    listed, nulls = tmp_path / 'list.json', tmp_path / 'nulls.json'
+    listed.write_text('[1, 2, 3]')
+    nulls.write_text('{"K": [[1000, 0, 16], [0, 1000, 16], [0, 0, 1]], "width": null}')
+    base = ['register', '--model', str(MODEL)]
+    cases = ((['--intrinsics', str(tmp_path / 'none.json')], square, 'not found'),
+             (['--intrinsics', str(listed)], square, 'not a JSON object'),
+             (['--intrinsics', str(nulls)], square, 'invalid intrinsics file'),
+             (['--pixel-spacing', '0'], square, 'pixel spacing'),
+             ([], wide, '--pixel-spacing'),
+             (['--ct', 'example', '--overlay', str(tmp_path / 'no' / 'o.png')], square,
+              'folder does not exist'),
+             (['--ct', 'example', '--overlay', str(tmp_path / 'o.unknown')], square,
+              'no image writer'))
+    for extra, image, message in cases:
+        assert cli.main(base + [str(image)] + extra) == 1, extra
+        assert message in capsys.readouterr().err, extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['list.json', 'nulls.json',
+                                                           'square.png', 'wide.png']
+
+
+def test_a_non_square_xray_is_padded_to_the_square_network_input(refining_registrar,
+                                                                  simulator, patient):
+    """pad_to_square keeps every pixel's ray; a 4:3 view registers through the refinement."""
+    from xray_ct_reg import model
+    _, image, intrinsics, truth = next(_fresh_views(simulator, 128, 'bright_bone'))
+    wide = image[16:112]                               # 128 x 96 px, the full width
+    wide_intrinsics = intrinsics.crop(0, 16, 128, 96)
+    canvas, canvas_intrinsics, (x0, y0) = model.pad_to_square(wide, wide_intrinsics)
+    assert canvas.shape == (128, 128) and (x0, y0) == (0, 16)
+    np.testing.assert_array_equal(canvas[16:112], wide)
+    assert np.all(canvas[:16] == np.median(wide))
+    points = patient.targets[:5]
+    on_wide, _ = geometry.project_points(truth, wide_intrinsics.K, points)
+    on_canvas, _ = geometry.project_points(truth, canvas_intrinsics.K, points)
+    np.testing.assert_allclose(on_canvas - on_wide, [[0.0, 16.0]] * 5, atol=1e-9)
+    result = refining_registrar.register(wide, wide_intrinsics)
+    assert result.accepted, result.reason
+    assert geometry.mtre(result.pose, truth, patient.targets) < REFINED_BOUND_MM

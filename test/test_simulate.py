@@ -195,6 +195,16 @@ def test_dataset_is_deterministic_and_readable(simulator, tmp_path):
         write('a', 0)
 
 
+@pytest.mark.parametrize('fractions', [dict(val_fraction=1.5), dict(val_fraction=-0.1),
+                                       dict(local_fraction=2.0)])
+def test_dataset_fractions_out_of_range_are_refused_before_writing(simulator, tmp_path,
+                                                                    fractions):
+    with pytest.raises(ValueError, match='fraction'):
+        simulate.write_dataset(simulator.patient, tmp_path / 'never', n=4, size=32,
+                               progress=False, simulator=simulator, **fractions)
+    assert not (tmp_path / 'never').exists() and not list(tmp_path.iterdir())
+
+
 def test_read_manifest_errors(tmp_path):
     with pytest.raises(dataset.DatasetError, match='not found'):
         dataset.read_manifest(tmp_path)

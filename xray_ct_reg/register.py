@@ -19,6 +19,7 @@ intrinsics, never the pose. A bad pose never raises: the Result says ``accepted=
 """
 from dataclasses import asdict, dataclass, field, replace
 import json
+from pathlib import Path
 import sys
 import time
 
@@ -264,13 +265,15 @@ class Registrar:
         return float(config.max_sigma_mm or self.metadata.get('confident_sigma_mm',
                                                                 DEFAULT_MAX_SIGMA_MM))
 
-    def correspondences(self, prediction, rng, config):
+    def correspondences(self, prediction, rng, config, shown=None):
         """Confident 2D-3D pairs from a network prediction (batch of one).
 
-        Returns (points_ct (N, 3) mm, pixels (N, 2) at the network resolution, candidates): the
-        entry and exit points whose sigma is below ``max_sigma_mm(config)`` (at least the
-        ``config.min_points`` least uncertain ones), randomly subsampled to
-        ``config.max_correspondences``; ``candidates`` counts them before that.
+        ``shown``: (H, W) bool at the network resolution, the pixels that show the X-ray (not
+        the padding of a non-square one); None: all. Returns (points_ct (N, 3) mm, pixels
+        (N, 2) at the network resolution, candidates): the entry and exit points whose sigma
+        is below ``max_sigma_mm(config)`` (at least the ``config.min_points`` least uncertain
+        ones), randomly subsampled to ``config.max_correspondences``; ``candidates`` counts
+        them before that.
         """
         width, height = self.network_size
         centres = geometry.pixel_centers(width, height).reshape(-1, 2)
@@ -283,6 +286,8 @@ class Registrar:
         points, pixels = np.concatenate(points).astype(float), np.concatenate(pixels)
         log_sigma = np.concatenate(log_sigmas)
         finite = np.all(np.isfinite(points), axis=1) & np.isfinite(log_sigma)
+        if shown is not None:
+            finite &= np.tile(shown.reshape(-1), 2)
         points, pixels, log_sigma = points[finite], pixels[finite], log_sigma[finite]
         confident = log_sigma < np.log(self.max_sigma_mm(config))
         if confident.sum() < config.min_points:
@@ -332,12 +337,21 @@ class Registrar:
                               scr_pose=np.asarray(prior_pose, dtype=float))
 
         tick = time.perf_counter()
-        small, small_intrinsics = scr_model.resize_for_network(image, intrinsics,
+        # the network was trained on square views: a non-square X-ray is padded, not stretched
+        square, square_intrinsics, (x0, y0) = scr_model.pad_to_square(image, intrinsics)
+        small, small_intrinsics = scr_model.resize_for_network(square, square_intrinsics,
                                                                self.network_size)
         try:
             tensor = scr_model.prepare_input(small)
         except ValueError as error:  # validated already: only "no contrast" remains
             return rejected(str(error))
+        scale = self.network_size[0] / square.shape[1]
+        shown_size = (intrinsics.width * scale, intrinsics.height * scale)  # network px
+        shown = None
+        if (x0, y0) != (0, 0):
+            u, v = geometry.pixel_centers(*self.network_size).transpose(2, 0, 1)
+            shown = ((u + 0.5 >= x0 * scale) & (u + 0.5 <= x0 * scale + shown_size[0])
+                     & (v + 0.5 >= y0 * scale) & (v + 0.5 <= y0 * scale + shown_size[1]))
         timings['preprocess'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
@@ -345,7 +359,7 @@ class Registrar:
         timings['network'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
-        points, pixels, candidates = self.correspondences(prediction, rng, config)
+        points, pixels, candidates = self.correspondences(prediction, rng, config, shown)
         if len(points) < config.min_correspondences:
             timings['pnp'] = 1e3 * (time.perf_counter() - tick)
             return rejected(f'too few confident pixels: {len(points)} < '
@@ -366,7 +380,7 @@ class Registrar:
         error_px = (float(np.median(errors[inliers])) * to_input_px if inliers.any()
                     else float('inf'))
         timings['refine_lm'] = 1e3 * (time.perf_counter() - tick)
-        spread = inlier_spread(pixels[inliers], *self.network_size)
+        spread = inlier_spread(pixels[inliers], *shown_size)
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
                       covariance=covariance, num_candidates=candidates, inlier_spread=spread)
@@ -412,12 +426,19 @@ def refine_and_judge(projectors, image, intrinsics, start_pose, bone_centroid, c
 
 # ----------------------------------------------------------------------------- CLI
 def cli_intrinsics(args, image):
-    """The intrinsics a CLI run uses: --intrinsics, --pixel-spacing, or Cios Fusion resized."""
+    """The intrinsics a CLI run uses: --intrinsics, --pixel-spacing, or Cios Fusion resized.
+
+    The last only for a square image (the whole square detector, resized); a non-square one
+    needs one of the first two (ValueError).
+    """
     height, width = image.shape[:2]
     if args.intrinsics:
         return image_io.read_intrinsics(args.intrinsics, width, height)
     if args.pixel_spacing is not None:
         return geometry.Intrinsics.from_carm(args.sdd, args.pixel_spacing, width, height)
+    if width != height:
+        raise ValueError(f'a {width}x{height} image is not the square default detector: give '
+                         '--intrinsics or --pixel-spacing')
     return geometry.Intrinsics.from_carm(args.sdd).resize(width, height)
 
 
@@ -475,6 +496,15 @@ def format_result(result):
     return lines
 
 
+def _check_writable_image(path):
+    """Raise ValueError unless OpenCV can write an image to ``path`` (folder and extension)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f'overlay folder does not exist: {path.parent}')
+    if not cv2.haveImageWriter(str(path)):
+        raise ValueError(f'overlay {path}: no image writer for this extension (use .png)')
+
+
 def run_register(args):
     """Register one image file and print the verdict; exit 0 when accepted, 2 when rejected."""
     from xray_ct_reg import ct
@@ -483,19 +513,23 @@ def run_register(args):
         if (args.overlay or config.intensity_refine) and not ct_path:
             raise ValueError('--overlay and intensity refinement need --ct (the CT the model was '
                              'trained for)')
+        if args.overlay:
+            _check_writable_image(args.overlay)
         image = image_io.read_image(args.image)
         intrinsics = cli_intrinsics(args, image)
         patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
         result = registrar.register(image, intrinsics)
-    except ValueError as error:  # CTError and CheckpointError are ValueErrors
+    except (ValueError, OSError) as error:  # CTError and CheckpointError are ValueErrors
         print(f'error: {error}', file=sys.stderr)
         return 1
     if args.overlay:
         from xray_ct_reg import overlay
         verdict = 'accepted' if result.accepted else f'rejected: {result.reason}'
         picture = overlay.draw_overlay(image, result.pose, intrinsics, patient, text=verdict)
-        cv2.imwrite(args.overlay, picture)
+        if not cv2.imwrite(args.overlay, picture):
+            print(f'error: could not write the overlay {args.overlay}', file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 from pathlib import Path
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -280,6 +281,9 @@ def write_dataset(patient, out_dir, n, size=128, seed=0, local_fraction=0.4, val
     if n < 1 or size < 8 or shard_size < 1:
         raise ValueError(f'need n >= 1, size >= 8, shard_size >= 1 (got {n}, {size}, '
                          f'{shard_size})')
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= local_fraction <= 1.0):
+        raise ValueError(f'need 0 <= val_fraction < 1 and 0 <= local_fraction <= 1 (got '
+                         f'{val_fraction}, {local_fraction})')
     sampler = sampler or PoseSampler()
     simulator = simulator or Simulator(patient)
     prepare_s = time.perf_counter() - start
@@ -371,8 +375,8 @@ def run_simulate(args):
     try:
         patient = load_patient(args.ct, args.labels, args.label_ids, args.target_label_ids,
                                args.threshold_hu)
-    except CTError as error:
-        print(f'error: {error}')
+    except (CTError, OSError) as error:
+        print(f'error: {error}', file=sys.stderr)
         return 2
     print(f'patient: {patient.ct_path} ({patient.ct_sha256[:12]}), mesh '
           f'{len(patient.mesh.triangles)} triangles, {len(patient.targets)} targets, '
@@ -381,8 +385,8 @@ def run_simulate(args):
         manifest = write_dataset(patient, args.out, args.n, args.size, args.seed,
                                  args.local_fraction, args.val_fraction, args.shard_size,
                                  overwrite=args.overwrite, workers=args.workers)
-    except (FileExistsError, ValueError) as error:
-        print(f'error: {error}')
+    except (OSError, ValueError) as error:  # FileExistsError, PermissionError are OSErrors
+        print(f'error: {error}', file=sys.stderr)
         return 2
     total = time.perf_counter() - start
     timing = manifest['timing']

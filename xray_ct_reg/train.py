@@ -111,21 +111,32 @@ def load_split(folder, split, limit=None):
 
 
 def resample_split(data, size):
-    """Resample an in-memory split to ``size`` x ``size`` px (maps by nearest neighbour).
+    """Resample an in-memory split to ``size`` x ``size`` px, pixel centres exact.
 
-    The line integral is area-averaged (cv2.INTER_AREA), the scene-coordinate maps and masks take
-    the nearest pixel centre (cv2.INTER_NEAREST_EXACT) and K follows ``Intrinsics.resize``.
+    The line integral is area-averaged (cv2.INTER_AREA) and K follows ``Intrinsics.resize``;
+    the masks and the scene-coordinate maps are interpolated bilinearly at the same pixel
+    centres (cv2.INTER_LINEAR maps centres as they do), the maps weighted by the hit mask, and
+    a mask pixel is set when at least half of it is.
     """
     height, width = data['line_integral'].shape[1:3]
     if (height, width) == (size, size):
         return data
     target = (int(size), int(size))
+
+    def resized(image):
+        return cv2.resize(image, target, interpolation=cv2.INTER_LINEAR)
     out = {'line_integral': np.stack([cv2.resize(image, target, interpolation=cv2.INTER_AREA)
                                       for image in data['line_integral']])}
-    for key in ('entry', 'exit', 'hit', 'collimation'):
-        out[key] = np.stack([cv2.resize(m.astype(np.uint8) if m.dtype == bool else m, target,
-                                        interpolation=cv2.INTER_NEAREST_EXACT)
-                             for m in data[key]]).astype(data[key].dtype)
+    hit = np.stack([resized(m.astype(np.float32)) for m in data['hit']])
+    for key in ('entry', 'exit'):
+        weighted = np.stack([resized(m * h[..., None]) for m, h in
+                             zip(data[key], data['hit'].astype(np.float32), strict=True)])
+        out[key] = np.where(hit[..., None] >= 0.5,
+                            weighted / np.maximum(hit, 1e-6)[..., None], 0.0).astype(
+                                data[key].dtype)
+    out['hit'] = hit >= 0.5
+    out['collimation'] = np.stack([resized(m.astype(np.float32))
+                                   for m in data['collimation']]) >= 0.5
     out['K'] = np.stack([geometry.Intrinsics(K, width, height).resize(*target).K
                          for K in data['K']])
     return out
