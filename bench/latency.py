@@ -1,6 +1,7 @@
 """Per-stage registration latency (p50/p95 ms) of the committed model.
 
-Inputs at the network size, 256 px and 1024x1024 mono16. Writes bench/results/latency.json.
+Inputs at the network size, 256 px and 1024x1024 mono16; with ``--refine`` also a tracked
+frame (from the accepted pose moved by ``TRACKING_STEP``). Writes bench/results/latency.json.
 
     .venv/bin/python bench/latency.py [--model models/chest_example.pt] [--repeats 20] [--refine]
 
@@ -22,6 +23,10 @@ sys.path.insert(0, str(REPO))
 from xray_ct_reg import ct, geometry, simulate  # noqa: E402
 from xray_ct_reg.evaluate import DEFAULT_SEED, STAGES  # noqa: E402
 from xray_ct_reg.register import Registrar, RegistrationConfig, to_jsonable  # noqa: E402
+
+# Motion between two frames of a sequence for the tracked timing: the prior pose is the
+# accepted pose moved by this much (about 0.6 deg and 1.2 mm), so tracking has work to do.
+TRACKING_STEP = geometry.pose_from_rotvec(np.radians([0.5, -0.3, 0.2]), [1.0, -0.5, 0.5])
 
 
 def main():
@@ -58,7 +63,8 @@ def main():
             repeats = args.repeats if name == 'scr' else max(1, args.repeats // 5)
             runs = [registrar.register(image, intrinsics) for _ in range(repeats)]
             if name != 'scr' and runs[0].accepted:  # the next frame of a sequence: tracked
-                tracked = [registrar.register(image, intrinsics, prior_pose=runs[0].pose)
+                prior = geometry.compose(TRACKING_STEP, runs[0].pose)  # the C-arm moved since
+                tracked = [registrar.register(image, intrinsics, prior_pose=prior)
                            for _ in range(repeats)]
                 values = [r.timings_ms['total'] for r in tracked]
                 p50, p95 = np.percentile(values, [50, 95])
