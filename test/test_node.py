@@ -633,6 +633,10 @@ def test_stamps_tf2_would_drop_are_refused_and_live_gates_apply(harness, frames)
     assert not refused.successful and 'read-only' in refused.reason.lower()
     refused = node.set_parameters(polarity='sideways')
     assert not refused.successful and 'polarity' in refused.reason
+    assert node.set_parameters(min_source_distance_mm=3000.0).successful
+    refused = node.set_parameters(max_source_distance_mm=2000.0)  # valid alone, not with min
+    assert not refused.successful and 'must not exceed' in refused.reason
+    assert node.set_parameters(min_source_distance_mm=0.0).successful
     assert node.set_parameters(min_inliers=1000000).successful
     node.deliver(frame.image, frame.intrinsics)
     _, _, values = node.wait_diag(lambda _l, _m, v: int(v['rejected']) == 1, seconds=60.0)

@@ -493,3 +493,10 @@ def test_a_non_square_xray_is_padded_to_the_square_network_input(refining_regist
     result = refining_registrar.register(wide, wide_intrinsics)
     assert result.accepted, result.reason
     assert geometry.mtre(result.pose, truth, patient.targets) < REFINED_BOUND_MM
+
+
+@pytest.mark.parametrize('pair', [dict(min_source_distance_mm=900.0, max_source_distance_mm=300.0),
+                                  dict(min_correspondences=5000, max_correspondences=100)])
+def test_settings_valid_alone_but_not_together_are_refused(pair):
+    with pytest.raises(ValueError, match='must not exceed'):
+        RegistrationConfig(**pair)

@@ -91,9 +91,15 @@ class RegistrationNode(LifecycleNode):
                                                                    parameter.value)
                 except ValueError as error:
                     return SetParametersResult(successful=False, reason=str(error))
-        self._core.config = settings.update(self._config, changes)
-        if self._registrar is not None:
-            self._registrar.config = settings.update(self._registrar.config, changes)
+        try:  # both configs first: a change inconsistent with the others applies nowhere
+            node_config = settings.update(self._config, changes)
+            registration_config = (None if self._registrar is None else
+                                    settings.update(self._registrar.config, changes))
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        self._core.config = node_config
+        if registration_config is not None:
+            self._registrar.config = registration_config
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------------- lifecycle

@@ -131,6 +131,14 @@ class RegistrationConfig:
         0.2, 'gate with intensity_refine: minimum fraction of the image that shows anatomy (not '
         'collimated or saturated)', limits=(0.0, 1.0), live=True)
 
+    def __post_init__(self):
+        """Refuse settings that are valid alone but not together (ValueError)."""
+        for low, high in (('min_source_distance_mm', 'max_source_distance_mm'),
+                          ('min_correspondences', 'max_correspondences')):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f'{low} ({getattr(self, low)}) must not exceed {high} '
+                                 f'({getattr(self, high)})')
+
 
 @dataclass
 class Result:
