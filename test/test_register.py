@@ -224,14 +224,18 @@ class OracleNetwork(torch.nn.Module):
 
 
 def test_registrar_pipeline_with_oracle_network(patient, simulator):
-    """Exact scene coordinates -> exact pose, whatever the input resolution or crop."""
-    from xray_ct_reg import simulate
+    """Exact scene coordinates -> exact pose, whatever the input resolution or crop.
+
+    The oracle answers for the network's view: a non-square crop padded to a square, resized.
+    """
+    from xray_ct_reg import model, simulate
     rng = np.random.default_rng(11)
     truth, _ = simulate.PoseSampler().sample(rng, simulator.vertices, patient.bone_centroid)
     full = geometry.default_intrinsics(SIZE)
     crop = full.crop(40, 24, 160, 176)
     for intrinsics in (full, crop):
-        network_intrinsics = intrinsics.resize(128, 128)
+        blank = np.zeros((intrinsics.height, intrinsics.width), np.float32)
+        network_intrinsics = model.pad_to_square(blank, intrinsics)[1].resize(128, 128)
         oracle = OracleNetwork(simulator.simulate(truth, network_intrinsics),
                                patient.bone_centroid)
         registrar = Registrar(oracle, {'image_size': [128, 128]}, patient=patient)
