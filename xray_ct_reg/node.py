@@ -64,6 +64,8 @@ class RegistrationNode(LifecycleNode):
         self._state = 'unconfigured'
         self._configure_error = ''
         self._subscriptions_list = []
+        self._image_topic_name = ''    # the image topic as remapped (kept as text: diagnostics
+                                       # may run while a stop destroys the subscription)
         self._pose_pub = self._overlay_pub = self._tf = None
         self._worker = None
         self.result_callback = None
@@ -228,6 +230,7 @@ class RegistrationNode(LifecycleNode):
             self._core.note_incompatible_publisher(info.last_policy_kind.name)))
         self._subscriptions_list = [self.create_subscription(
             Image, self._config.image_topic, self._on_image, qos, event_callbacks=events)]
+        self._image_topic_name = self._subscriptions_list[0].topic_name
         if self._config.use_camera_info:
             self._subscriptions_list.append(self.create_subscription(
                 CameraInfo, self._config.camera_info_topic, self._on_camera_info, qos,
@@ -371,9 +374,8 @@ class RegistrationNode(LifecycleNode):
         if verdict in ('rejected', 'error'):
             message += f": {values['last_reason']}"
         warning = ''
-        if self._state == 'active' and self._subscriptions_list:  # the name as remapped
-            warning = self._core.warning(
-                self.count_publishers(self._subscriptions_list[0].topic_name))
+        if self._state == 'active' and self._image_topic_name:
+            warning = self._core.warning(self.count_publishers(self._image_topic_name))
         else:  # a monitor must not read a node that publishes nothing as healthy
             warning = f'not publishing: lifecycle state {self._state}'
         if warning:
