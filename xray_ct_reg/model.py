@@ -260,8 +260,9 @@ def pad_to_square(image, intrinsics):
     """A non-square X-ray centred on a square canvas, for a network trained on square views.
 
     The canvas is filled with the image's median (a flat region, like a collimator shutter; the
-    committed model's SCR estimates on 4:3 crops: 24 mm median padded, 45 mm stretched to the
-    square). Returns ``(image float32, intrinsics of the canvas, (x0, y0) of the image on it)``.
+    committed model's SCR estimates on 32 4:3 crops of full views: 25.4 mm median padded, 44.7
+    mm stretched to the square). Returns ``(image float32, intrinsics of the canvas, (x0, y0)
+    of the image on it)``.
     """
     array = _as_float_gray(image)
     height, width = array.shape

@@ -16,7 +16,7 @@ import sys
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
@@ -114,7 +114,6 @@ def run_node(build, args=None):
     before it is destroyed. The Fast DDS transport profile is chosen first
     (``select_transport_profile``).
     """
-    from rclpy.executors import SingleThreadedExecutor
     select_transport_profile()
     rclpy.init(args=args)
     node = None
