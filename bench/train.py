@@ -87,8 +87,8 @@ def main():
         defaults = training.TrainConfig
         network = scr.SCRNet(1, args.width or defaults.width, args.depth or defaults.depth).eval()
         source = 'untrained'
-    args.width, args.depth = network.base_width, network.depth
-    results = {'network': source, 'width': args.width, 'depth': args.depth,
+    width, depth = network.base_width, network.depth  # the timed network's own shape
+    results = {'network': source, 'width': width, 'depth': depth,
                'threads': args.threads,
                'parameters': scr.count_parameters(network),
                'checkpoint_mb_fp16': 2 * scr.count_parameters(network) / 1e6,
@@ -98,10 +98,10 @@ def main():
         results['gflops'][size] = scr.count_flops(network, size)['flops'] / 1e9
         results['latency_ms'][size] = forward_latency_ms(network, size, args.runs)
     if args.data:
-        config = training.TrainConfig(data=args.data, out='', width=args.width,
-                                      depth=args.depth, size=args.train_size)
+        config = training.TrainConfig(data=args.data, out='', width=width, depth=depth,
+                                      size=args.train_size)
         results['epoch'] = epoch_time_s(args.data, config, args.max_samples)
-    print(f"SCRNet ({source}) width {args.width} depth {args.depth}: "
+    print(f"SCRNet ({source}) width {width} depth {depth}: "
           f"{results['parameters']:,} parameters "
           f"({results['checkpoint_mb_fp16']:.1f} MB fp16), {args.threads} threads")
     print(f"{'size':>6} {'GFLOPs':>8} {'p50 ms':>8} {'p95 ms':>8}")
