@@ -247,6 +247,45 @@ def test_registrar_pipeline_with_oracle_network(patient, simulator):
         assert set(result.timings_ms) >= {'preprocess', 'network', 'pnp', 'refine_lm', 'total'}
 
 
+def test_correspondences_are_the_least_uncertain_points(patient):
+    """A rank by predicted sigma (ties in a fixed order), capped in sigma only when asked."""
+    rng = np.random.default_rng(5)
+    size = 16
+    entry, exit_ = (rng.normal(size=(1, size, size, 3)) * 50.0 for _ in range(2))
+    entry[0, 3, 4] = np.nan  # an unusable prediction
+    log_sigma = {surface: rng.uniform(0.0, 5.0, size=(1, size, size)) for surface in ('entry',
+                                                                                       'exit')}
+    prediction = {'entry_mm': torch.from_numpy(entry), 'exit_mm': torch.from_numpy(exit_),
+                  'entry_log_sigma': torch.from_numpy(log_sigma['entry']),
+                  'exit_log_sigma': torch.from_numpy(log_sigma['exit'])}
+    sample = {'hit': np.ones((size, size), dtype=bool)}
+    registrar = Registrar(OracleNetwork(sample, patient.bone_centroid),
+                          {'image_size': [size, size]})
+    all_points = np.concatenate([entry.reshape(-1, 3), exit_.reshape(-1, 3)])
+    all_sigma = np.concatenate([log_sigma['entry'].ravel(), log_sigma['exit'].ravel()])
+    usable = np.isfinite(all_points).all(axis=1)
+    expected = np.flatnonzero(usable)[np.argsort(all_sigma[usable])][:50]
+
+    config = RegistrationConfig(max_correspondences=50)
+    points, pixels, candidates = registrar.correspondences(prediction, config)
+    assert candidates == 2 * size * size - 1
+    np.testing.assert_array_equal(points, all_points[expected])
+    centres = geometry.pixel_centers(size, size).reshape(-1, 2)
+    np.testing.assert_array_equal(pixels, np.concatenate([centres, centres])[expected])
+
+    cap_mm = float(np.exp(1.0))
+    points, _, candidates = registrar.correspondences(
+        prediction, replace(config, max_sigma_mm=cap_mm, max_correspondences=10000))
+    below = usable & (all_sigma < 1.0)
+    assert candidates == len(points) == below.sum()
+    np.testing.assert_array_equal(np.sort(points, axis=0), np.sort(all_points[below], axis=0))
+
+    shown = np.zeros((size, size), dtype=bool)
+    shown[:, :8] = True
+    _, pixels, candidates = registrar.correspondences(prediction, config, shown)
+    assert candidates == size * size - 1 and np.all(pixels[:, 0] < 8)  # less the NaN
+
+
 @pytest.mark.parametrize('roll_deg', [90.0, 180.0, -120.0])
 def test_registrar_accepts_a_view_rolled_in_plane(patient, simulator, roll_deg):
     """Rolling the detector in its plane does not change the viewing direction: accepted."""

@@ -33,8 +33,6 @@ from xray_ct_reg.settings import setting
 
 # The paper's RANSAC threshold: 20 px on the 1536^2 Cios Fusion detector (0.194 mm pixels).
 REFERENCE_FOCAL_PX = geometry.CIOS_FUSION_SDD_MM / geometry.CIOS_FUSION_PIXEL_SPACING_MM
-# Confidence threshold (mm) when neither the config nor the checkpoint gives one.
-DEFAULT_MAX_SIGMA_MM = 5.0
 
 
 POLARITIES = ('auto', 'bright_bone', 'dark_bone')
@@ -54,20 +52,17 @@ class RegistrationConfig:
     polarity: str = setting(
         'auto', 'image polarity: dark_bone images are inverted first; auto and bright_bone pass '
         'unchanged (the network was trained on both)', choices=POLARITIES, live=True)
-    max_sigma_mm: float = setting(
-        0.0, "use a pixel's entry (exit) point when its predicted sigma (mm) is below this; 0: "
-        "the checkpoint's own threshold", limits=(0.0, 1000.0), live=True)
     max_correspondences: int = setting(
-        4000, 'random (seeded) subsample of the confident correspondences handed to RANSAC',
+        4000, 'this many of the entry and exit points with the smallest predicted sigma go to '
+        'RANSAC (a rank, not a sigma level: the level shifts with the appearance)',
         limits=(12, 1000000), live=True)
-    seed: int = setting(0, 'seed of the subsample and of the RANSAC sampler (deterministic)',
+    max_sigma_mm: float = setting(
+        0.0, "optional cap: leave out points whose predicted sigma (mm) is above this; 0: none",
+        limits=(0.0, 1000.0), live=True)
+    seed: int = setting(0, 'seed of the RANSAC sampler (deterministic)',
                         limits=(0, 2**31 - 1), live=True)
     min_correspondences: int = setting(
         12, 'fewer correspondences than this: reject without trying PnP', limits=(6, 100000),
-        live=True)
-    min_points: int = setting(
-        400, 'when fewer pixels are confident, take this many of the least uncertain points '
-        'anyway (local or extreme views); the gates judge the outcome', limits=(0, 1000000),
         live=True)
     pnp_method: str = setting(
         'usac_magsac', 'robust PnP solver (pnp.PNP_METHODS)', choices=tuple(pnp.PNP_METHODS),
@@ -75,8 +70,9 @@ class RegistrationConfig:
     ransac_threshold_px: float = setting(
         20.0, "RANSAC inlier threshold (px at the reference detector; the paper's 20 px)",
         limits=(0.1, 500.0), live=True)
-    ransac_iterations: int = setting(1000, "maximum RANSAC iterations (the paper's 1000)",
-                                     limits=(1, 1000000), live=True)
+    ransac_iterations: int = setting(
+        3000, "maximum RANSAC iterations (the paper's 1000; with under 20 % inliers, 1000 left "
+        "the pose dependent on the sampling)", limits=(1, 1000000), live=True)
     ransac_confidence: float = setting(
         0.999, 'RANSAC stops early once this confidence of an all-inlier sample is reached',
         limits=(0.5, 1.0), live=True)
@@ -268,20 +264,14 @@ class Registrar:
         network, metadata = scr_model.load_checkpoint(path, expected_ct_sha256=expected)
         return cls(network, metadata, patient=patient, config=config)
 
-    def max_sigma_mm(self, config):
-        """The confidence threshold (mm): ``config.max_sigma_mm``, else the checkpoint's."""
-        return float(config.max_sigma_mm or self.metadata.get('confident_sigma_mm',
-                                                                DEFAULT_MAX_SIGMA_MM))
-
-    def correspondences(self, prediction, rng, config, shown=None):
-        """Confident 2D-3D pairs from a network prediction (batch of one).
+    def correspondences(self, prediction, config, shown=None):
+        """The least uncertain 2D-3D pairs of a network prediction (batch of one).
 
         ``shown``: (H, W) bool at the network resolution, the pixels that show the X-ray (not
         the padding of a non-square one); None: all. Returns (points_ct (N, 3) mm, pixels
-        (N, 2) at the network resolution, candidates): the entry and exit points whose sigma
-        is below ``max_sigma_mm(config)`` (at least the ``config.min_points`` least uncertain
-        ones), randomly subsampled to ``config.max_correspondences``; ``candidates`` counts
-        them before that.
+        (N, 2) at the network resolution, candidates): of the entry and exit points (below
+        ``config.max_sigma_mm`` when set), the ``config.max_correspondences`` with the smallest
+        predicted sigma, least uncertain first; ``candidates`` counts them before that cut.
         """
         width, height = self.network_size
         centres = geometry.pixel_centers(width, height).reshape(-1, 2)
@@ -293,20 +283,15 @@ class Registrar:
             pixels.append(centres)
         points, pixels = np.concatenate(points).astype(float), np.concatenate(pixels)
         log_sigma = np.concatenate(log_sigmas)
-        finite = np.all(np.isfinite(points), axis=1) & np.isfinite(log_sigma)
+        usable = np.all(np.isfinite(points), axis=1) & np.isfinite(log_sigma)
         if shown is not None:
-            finite &= np.tile(shown.reshape(-1), 2)
-        points, pixels, log_sigma = points[finite], pixels[finite], log_sigma[finite]
-        confident = log_sigma < np.log(self.max_sigma_mm(config))
-        if confident.sum() < config.min_points:
-            confident = np.zeros(len(points), dtype=bool)
-            confident[np.argsort(log_sigma)[:config.min_points]] = True
-        points, pixels = points[confident], pixels[confident]
-        candidates = len(points)
-        if candidates > config.max_correspondences:
-            keep = rng.choice(candidates, config.max_correspondences, replace=False)
-            points, pixels = points[keep], pixels[keep]
-        return points, pixels, candidates
+            usable &= np.tile(shown.reshape(-1), 2)
+        if config.max_sigma_mm > 0:
+            usable &= log_sigma < np.log(config.max_sigma_mm)
+        candidates = np.flatnonzero(usable)
+        order = candidates[np.argsort(log_sigma[candidates], kind='stable')]
+        keep = order[:config.max_correspondences]
+        return points[keep], pixels[keep], len(candidates)
 
     def register(self, image, intrinsics, prior_pose=None):
         """Register one X-ray; returns a ``Result`` (never raises for a bad pose).
@@ -367,7 +352,7 @@ class Registrar:
         timings['network'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
-        points, pixels, candidates = self.correspondences(prediction, rng, config, shown)
+        points, pixels, candidates = self.correspondences(prediction, config, shown)
         if len(points) < config.min_correspondences:
             timings['pnp'] = 1e3 * (time.perf_counter() - tick)
             return rejected(f'too few confident pixels: {len(points)} < '

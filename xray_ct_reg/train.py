@@ -20,7 +20,8 @@ The learning rate follows a warm-up + cosine schedule over whichever ends first:
 ``max_minutes``. Validation each epoch on the held-out split gives the median coordinate error
 (mm) on bone pixels and on confident bone pixels. "Confident" is calibrated, not fixed: the
 checkpoint's ``confident_sigma_mm`` is the sigma below which the ``confident_fraction`` most
-confident validation bone pixels lie, and the registrar uses those pixels only. The best
+confident validation bone pixels lie (a training metric; the registrar ranks pixels by sigma
+instead, since the sigma level shifts with the appearance). The best
 validation loss is checkpointed; training stops early after ``patience`` epochs without improvement.
 """
 import contextlib
