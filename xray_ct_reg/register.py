@@ -1,10 +1,11 @@
-"""X-ray -> CT pose: network -> confident pixels -> RANSAC-PnP -> LM refine -> quality gates.
+"""X-ray -> CT pose: network -> least uncertain points -> RANSAC-PnP -> LM refine -> gates.
 
 The scene coordinate network predicts, for every pixel at its own resolution, where the pixel's
-ray enters and leaves the bone (CT mm) with an uncertainty. Pixels whose predicted sigma is
-small give 2D-3D correspondences (pixel centre at the network resolution, CT point); RANSAC-PnP
-(OpenCV USAC with MAGSAC++ scoring) finds the pose, Levenberg-Marquardt on the inliers polishes
-it and gives a covariance, and quality gates decide whether the pose may be used.
+ray enters and leaves the bone (CT mm) with an uncertainty. The points with the smallest
+predicted sigma give 2D-3D correspondences (pixel centre at the network resolution, CT point);
+RANSAC-PnP (OpenCV USAC with MAGSAC++ scoring) finds the pose, Levenberg-Marquardt on the
+inliers polishes it and gives a covariance, and quality gates decide whether the pose may be
+used.
 
 Two modes (``RegistrationConfig.intensity_refine``):
 
