@@ -149,8 +149,9 @@ class Result:
     relative confidence, not as a calibrated error bound. With intensity refinement (tracked or
     not) it is the refinement's, from the similarity's curvature (diagonal across and along the
     beam, and in the rotations), whenever the refinement scored a pose. ``inlier_spread`` is the
-    gate's measure of how the inlier pixels cover the image. With intensity refinement,
-    ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
+    gate's measure of how the inlier pixels cover the image; ``num_candidates`` the number of
+    correspondences handed to RANSAC (``inlier_ratio`` is relative to it). With intensity
+    refinement, ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
     """
 
     pose: np.ndarray | None
@@ -270,9 +271,9 @@ class Registrar:
 
         ``shown``: (H, W) bool at the network resolution, the pixels that show the X-ray (not
         the padding of a non-square one); None: all. Returns (points_ct (N, 3) mm, pixels
-        (N, 2) at the network resolution, candidates): of the entry and exit points (below
+        (N, 2) at the network resolution): of the entry and exit points (below
         ``config.max_sigma_mm`` when set), the ``config.max_correspondences`` with the smallest
-        predicted sigma, least uncertain first; ``candidates`` counts them before that cut.
+        predicted sigma, least uncertain first.
         """
         width, height = self.network_size
         centres = geometry.pixel_centers(width, height).reshape(-1, 2)
@@ -292,7 +293,7 @@ class Registrar:
         candidates = np.flatnonzero(usable)
         order = candidates[np.argsort(log_sigma[candidates], kind='stable')]
         keep = order[:config.max_correspondences]
-        return points[keep], pixels[keep], len(candidates)
+        return points[keep], pixels[keep]
 
     def register(self, image, intrinsics, prior_pose=None):
         """Register one X-ray; returns a ``Result`` (never raises for a bad pose).
@@ -353,15 +354,15 @@ class Registrar:
         timings['network'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
-        points, pixels, candidates = self.correspondences(prediction, config, shown)
+        points, pixels = self.correspondences(prediction, config, shown)
         if len(points) < config.min_correspondences:
             timings['pnp'] = 1e3 * (time.perf_counter() - tick)
-            return rejected(f'too few confident pixels: {len(points)} < '
-                            f'{config.min_correspondences}', num_candidates=candidates)
+            return rejected(f'too few usable correspondences: {len(points)} < '
+                            f'{config.min_correspondences}', num_candidates=len(points))
         solution = pnp.solve_pnp(points, pixels, small_intrinsics.K, config, rng)
         timings['pnp'] = 1e3 * (time.perf_counter() - tick)
         if solution is None:
-            return rejected('PnP found no pose', num_candidates=candidates)
+            return rejected('PnP found no pose', num_candidates=len(points))
         pose, inliers = solution
 
         tick = time.perf_counter()
@@ -377,7 +378,7 @@ class Registrar:
         spread = inlier_spread(pixels[inliers], *shown_size)
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
-                      covariance=covariance, num_candidates=candidates, inlier_spread=spread)
+                      covariance=covariance, num_candidates=len(points), inlier_spread=spread)
         if config.intensity_refine:
             # The PnP pose only starts the intensity refinement, but it must be a possible view.
             accepted, reason = pose_gates(pose, intrinsics, self.bone_centroid, config)
@@ -475,7 +476,7 @@ def format_result(result):
         quaternion, translation = geometry.pose_to_quaternion(result.pose)
         lines.append('T_imager_ct translation (mm): ' + ' '.join(f'{v:.2f}' for v in translation))
         lines.append('rotation quaternion (x y z w): ' + ' '.join(f'{v:.5f}' for v in quaternion))
-    lines.append(f'inliers {result.inlier_count}/{result.num_candidates} candidates '
+    lines.append(f'inliers {result.inlier_count}/{result.num_candidates} correspondences '
                  f'(ratio {result.inlier_ratio:.2f}), median reprojection error '
                  f'{result.reprojection_error_px:.2f} px')
     info = result.refinement
