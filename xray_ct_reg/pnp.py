@@ -2,8 +2,10 @@
 
 ``PNP_METHODS`` maps a name to a robust solver (``RegistrationConfig.pnp_method`` picks one):
 
-* ``usac_magsac`` (default): OpenCV USAC with MAGSAC++ scoring and sigma-consensus local
-  optimisation; robust to the large outlier fractions of a scene coordinate network;
+* ``usac_magsac`` (default): OpenCV USAC with MAGSAC++ scoring; robust to the large outlier
+  fractions of a scene coordinate network. No local optimisation inside USAC: the
+  Levenberg-Marquardt polish that follows does that job (with sigma-consensus, medians over
+  60 own views per group and 5 seeds were within 0.8 mm of these, at 1.4x the time);
 * ``ransac_sqpnp``: classic RANSAC with the SQPnP minimal solver;
 * ``ransac_epnp``: classic RANSAC with EPnP (the paper's ``cv2.solvePnPRansac`` default).
 
@@ -23,14 +25,14 @@ def scaled_px(reference_px, K, reference_focal_px):
 
 
 def _usac_magsac(points_ct, pixels, K, threshold_px, iterations, confidence, seed):
-    """OpenCV USAC: MAGSAC++ score, sigma-consensus local optimisation, uniform sampler."""
+    """OpenCV USAC: MAGSAC++ score, no local optimisation, uniform sampler."""
     params = cv2.UsacParams()
     params.threshold = threshold_px
     params.maxIterations = int(iterations)
     params.confidence = float(confidence)
     params.sampler = cv2.SAMPLING_UNIFORM
     params.score = cv2.SCORE_METHOD_MAGSAC
-    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
+    params.loMethod = cv2.LOCAL_OPTIM_NULL
     params.randomGeneratorState = seed
     ok, _, rvec, tvec, inliers = cv2.solvePnPRansac(points_ct, pixels, K, None, params=params)
     return ok, rvec, tvec, inliers
