@@ -72,8 +72,8 @@ class RegistrationConfig:
         20.0, "RANSAC inlier threshold (px at the reference detector; the paper's 20 px)",
         limits=(0.1, 500.0), live=True)
     ransac_iterations: int = setting(
-        3000, "maximum RANSAC iterations (the paper's 1000; with under 20 % inliers, 1000 left "
-        "the pose dependent on the sampling)", limits=(1, 1000000), live=True)
+        3000, "maximum RANSAC iterations (the paper's 1000; with under 20 % inliers, 3000 make "
+        "the pose depend less on the sampler's seed)", limits=(1, 1000000), live=True)
     ransac_confidence: float = setting(
         0.999, 'RANSAC stops early once this confidence of an all-inlier sample is reached',
         limits=(0.5, 1.0), live=True)
