@@ -52,6 +52,16 @@ def projectors(patient):
     return refine.level_projectors(patient.ct)
 
 
+def test_levels_alike_share_one_projector(projectors):
+    """A projector per level of the schedule; levels of one voxel size and slab share one."""
+    keys = list(zip(refine.LEVEL_VOXELS_MM, refine.LEVEL_SLAB_SLICES, strict=True))
+    assert len(projectors) == len(keys) == len(refine.LEVEL_SIZES_PX)
+    for (voxel_mm, slab_slices), projector in zip(keys, projectors, strict=True):
+        assert projector is projectors[keys.index((voxel_mm, slab_slices))]
+        assert (projector.step_mm, projector.slab_slices) == (voxel_mm, slab_slices)
+    assert len({id(projector) for projector in projectors}) == len(set(keys)) < len(keys)
+
+
 @pytest.mark.parametrize('similarity', refine.SIMILARITIES)
 @pytest.mark.parametrize('polarity', ['bright_bone', 'dark_bone'])
 def test_refinement_recovers_a_perturbed_pose(patient, projectors, polarity, similarity):
