@@ -116,7 +116,8 @@ def test_gates_reject_a_view_far_from_ap():
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
     config = RegistrationConfig()
-    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.03)
+    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.03,
+                      weak_margin=0.01)
 
     def judge(pose=truth, **change):
         return intensity_gates(pose, replace(good, **change), intrinsics, centre, config)
@@ -127,6 +128,8 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
                              ({'depth_margin': -0.001}, 'depth'),
                              ({'sharpness': 0.01}, 'no sharp optimum'),
                              ({'sharpness': np.nan}, 'no sharp optimum'),
+                             ({'weak_margin': 0.004}, 'flattest direction'),
+                             ({'weak_margin': np.nan}, 'flattest direction'),
                              ({'rival_margin': -0.004}, 'better optimum elsewhere'),
                              ({'rival_margin': np.nan}, 'better optimum elsewhere'),
                              ({'exposed_fraction': 0.05}, 'anatomy'),

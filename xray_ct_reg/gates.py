@@ -100,7 +100,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     along the beam (the weak direction of one view: a pose still climbing in depth is
     unconverged), that the optimum is sharp: higher than every probe around it by
     ``min_sharpness`` (relative evidence, which transfers across appearance where the
-    similarity's level does not), and that no restart along the beam found a better one
+    similarity's level does not) and along its flattest direction by ``min_weak_sharpness``,
+    and that no restart along the beam found a better one
     elsewhere (``rival_margin``), then ``pose_gates``.
     """
     if not refine_info.finished:
@@ -119,6 +120,10 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     if not refine_info.sharpness >= config.min_sharpness:
         return False, (f'no sharp optimum: a probe around the pose scores within '
                        f'{refine_info.sharpness:.3f} < {config.min_sharpness:.3f} of it')
+    if not refine_info.weak_margin >= config.min_weak_sharpness:
+        return False, (f'no sharp optimum along its flattest direction: a probe '
+                       f'{refine.WEAK_PROBE:.0f} mm-like units along it scores within '
+                       f'{refine_info.weak_margin:.3f} < {config.min_weak_sharpness:.3f}')
     if not refine_info.rival_margin > 0.0:
         return False, (f'a better optimum elsewhere: a restart '
                        f'{max(refine.RESTART_DEPTHS_MM):.0f} mm along the beam ended at a pose '

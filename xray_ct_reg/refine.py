@@ -84,6 +84,12 @@ DEPTH_PROBE_MM = 10.0
 SHARPNESS_PROBES = tuple((axis, sign * size) for axis, size in
                          ((0, 4.0), (1, 4.0), (2, DEPTH_PROBE_MM), (3, 5.0), (4, 5.0), (5, 5.0))
                          for sign in (-1.0, 1.0))
+# The axis probes miss a ridge that couples them (depth with a tilt: a view of a smooth outline
+# can be as good 35 mm deeper and a little turned). The probes' residuals give the curvature's
+# Gauss-Newton matrix J^T J (central differences, no extra DRR); two more probes this far
+# (mm-like units) along its weakest eigenvector measure the drop there
+# (``RefineInfo.weak_margin``).
+WEAK_PROBE = 10.0
 # exposed_mask: window (px), largest local std of a flat region and how close to either end of
 # the (robust) grey range its level must be, as fractions of that range.
 FLAT_WINDOW_PX = 5
@@ -104,6 +110,8 @@ class RefineInfo:
     ncc_after: float = NAN            # similarity at the returned pose
     depth_margin: float = NAN         # ncc_after minus the best DEPTH_PROBE_MM along the beam
     sharpness: float = NAN            # ncc_after minus the best of the SHARPNESS_PROBES
+    weak_margin: float = NAN          # ncc_after minus the best probe WEAK_PROBE along the
+                                      # similarity's flattest direction (J^T J's weakest)
     rival_margin: float = math.inf    # ncc_after minus the best restart that ended elsewhere
                                       # (inf: none did, or not checked: a close start)
     polarity: float = 0.0             # +1: the X-ray is bright-bone like the DRR, -1 inverted
@@ -561,21 +569,22 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
     frame = _beam_frame(beam_centre)
-    probes = {}
-    for axis, offset in SHARPNESS_PROBES:
-        change = zero.clone()
-        if axis < 3:
-            change[:3] = offset * frame[:, axis]
-        else:
-            change[axis] = offset
-        probes[(axis, offset)] = score(refined, beam_centre, change)
+    basis = torch.block_diag(frame, torch.eye(3, dtype=frame.dtype))  # probed axes, as columns
+    judge = _Objective(finest, refined, beam_centre, polarity, measure, clock)
+    probe_residuals = {(axis, offset): judge.residual(offset * basis[:, axis])
+                       for axis, offset in SHARPNESS_PROBES}
+    probes = {key: float(1.0 - 0.5 * (residual @ residual))
+              for key, residual in probe_residuals.items()}
     depth = max(value for (axis, _), value in probes.items() if axis == 2)
+    weakest = basis @ _weakest_direction(probe_residuals)
+    weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     residuals = sum(len(feature) for feature in finest.target_features)
     rivals = [] if near_start else _restarts(
         _Objective(finest, refined, beam_centre, polarity, measure, clock), frame[:, 2])
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
                          rival_margin=final - max(rivals, default=-math.inf),
-                         sharpness=final - max(probes.values()), polarity=polarity,
+                         sharpness=final - max(probes.values()), weak_margin=final - weak,
+                         polarity=polarity,
                          improved=improved,
                          covariance=_covariance(probes, final, residuals, frame.numpy()))
 
@@ -601,6 +610,23 @@ def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None
         return np.array([_Objective(level, _along_beam(pose, centre, offset), centre, polarity,
                                     similarity, clock).similarity(zero)
                          for offset in offsets_mm])
+
+
+def _weakest_direction(probe_residuals):
+    """Unit 6-vector (in the probes' axes) along which the similarity curves least.
+
+    ``probe_residuals`` maps each of ``SHARPNESS_PROBES`` to its feature residual; central
+    differences of each axis's pair give a column of the Jacobian J, and the eigenvector of
+    J^T J with the smallest eigenvalue is the flattest direction of the cost near the pose.
+    """
+    columns = []
+    for axis in range(6):
+        (low, minus), (high, plus) = sorted(
+            (offset, residual) for (a, offset), residual in probe_residuals.items() if a == axis)
+        columns.append((plus - minus) / (high - low))
+    jacobian = torch.stack(columns, dim=1)
+    _, vectors = torch.linalg.eigh(jacobian.T @ jacobian)
+    return vectors[:, 0]
 
 
 def _restarts(objective, beam):

@@ -124,6 +124,12 @@ class RegistrationConfig:
         0.02, 'gate with intensity_refine: the refined pose must score this much above every '
         'probe a few mm and degrees away (refine.SHARPNESS_PROBES); calibrated on the own and '
         'the held-out appearance families (bench/refine.py)', limits=(0.0, 1.0), live=True)
+    min_weak_sharpness: float = setting(
+        0.005, 'gate with intensity_refine: the refined pose must score this much above two '
+        'probes refine.WEAK_PROBE away along the direction the similarity is flattest in (from '
+        'its curvature; depth with a tilt, mostly), where a wrong pose can look sharp on every '
+        'axis; calibrated on own views (bench/accuracy.py, bench/depth_bias.py)',
+        limits=(0.0, 1.0), live=True)
     min_exposed_fraction: float = setting(
         0.2, 'gate with intensity_refine: minimum fraction of the image that shows anatomy (not '
         'collimated or saturated)', limits=(0.0, 1.0), live=True)
