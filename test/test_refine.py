@@ -266,10 +266,14 @@ def test_depth_profile_peaks_at_the_true_depth_in_either_polarity(patient, proje
     np.testing.assert_allclose(dark, bright, atol=1e-9)
 
 
-def test_weakest_direction_is_the_flattest_of_the_probed_cost():
-    """Residuals linear in the perturbation: the eigenvector of J^T J with least curvature."""
+def test_probe_jacobian_and_covariance_of_a_known_cost():
+    """Residuals linear in the perturbation: the probes recover J and its flat direction.
+
+    J^T J's weakest eigenvector is the flat direction (depth with a tilt), and the covariance
+    is sigma^2 (J^T J)^-1, widest along it.
+    """
     rng = np.random.default_rng(0)
-    flat = torch.tensor([0.0, 0.0, 0.8, 0.6, 0.0, 0.0], dtype=torch.float64)  # depth + a tilt
+    flat = torch.tensor([0.0, 0.0, 0.8, 0.6, 0.0, 0.0], dtype=torch.float64)
     basis, _ = torch.linalg.qr(torch.cat([flat[:, None], torch.as_tensor(
         rng.normal(size=(6, 5)))], dim=1))
     jacobian = torch.as_tensor(rng.normal(size=(50, 6))) @ basis @ torch.diag(
@@ -279,8 +283,18 @@ def test_weakest_direction_is_the_flattest_of_the_probed_cost():
         delta = torch.zeros(6, dtype=torch.float64)
         delta[axis] = offset
         residuals[(axis, offset)] = jacobian @ delta
-    weakest = refine._weakest_direction(residuals)
+    recovered = refine._probe_jacobian(residuals)
+    torch.testing.assert_close(recovered, jacobian)
+    weakest = torch.linalg.eigh(recovered.T @ recovered)[1][:, 0]
     assert abs(float(weakest @ flat)) == pytest.approx(1.0, abs=1e-3)
+    covariance = refine._covariance(recovered, 0.9, 1000, torch.eye(6, dtype=torch.float64))
+    mm_like = np.array([1.0, 1.0, 1.0] + [refine.RADIUS_MM] * 3)  # undo the radians
+    in_axes = covariance * np.outer(mm_like, mm_like)
+    noise = (2.0 - 2.0 * 0.9) / (1000 - 6)
+    np.testing.assert_allclose(in_axes, noise * np.linalg.inv((jacobian.T @ jacobian).numpy()),
+                               rtol=1e-6)
+    widest = np.linalg.eigh(in_axes)[1][:, -1]
+    assert abs(float(widest @ flat.numpy())) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_a_sharp_looking_optimum_on_a_ridge_is_rejected(patient, projectors):

@@ -576,7 +576,8 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     probes = {key: float(1.0 - 0.5 * (residual @ residual))
               for key, residual in probe_residuals.items()}
     depth = max(value for (axis, _), value in probes.items() if axis == 2)
-    weakest = basis @ _weakest_direction(probe_residuals)
+    jacobian = _probe_jacobian(probe_residuals)
+    weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     residuals = sum(len(feature) for feature in finest.target_features)
     rivals = [] if near_start else _restarts(
@@ -586,7 +587,7 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
                          sharpness=final - max(probes.values()), weak_margin=final - weak,
                          polarity=polarity,
                          improved=improved,
-                         covariance=_covariance(probes, final, residuals, frame.numpy()))
+                         covariance=_covariance(jacobian, final, residuals, basis))
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
@@ -612,21 +613,18 @@ def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None
                          for offset in offsets_mm])
 
 
-def _weakest_direction(probe_residuals):
-    """Unit 6-vector (in the probes' axes) along which the similarity curves least.
+def _probe_jacobian(probe_residuals):
+    """(n, 6) Jacobian of the feature residual over the probed axes, by central differences.
 
-    ``probe_residuals`` maps each of ``SHARPNESS_PROBES`` to its feature residual; central
-    differences of each axis's pair give a column of the Jacobian J, and the eigenvector of
-    J^T J with the smallest eigenvalue is the flattest direction of the cost near the pose.
+    ``probe_residuals`` maps each of ``SHARPNESS_PROBES`` to its feature residual. The
+    eigenvector of J^T J with the smallest eigenvalue is the flattest direction of the cost.
     """
     columns = []
     for axis in range(6):
         (low, minus), (high, plus) = sorted(
             (offset, residual) for (a, offset), residual in probe_residuals.items() if a == axis)
         columns.append((plus - minus) / (high - low))
-    jacobian = torch.stack(columns, dim=1)
-    _, vectors = torch.linalg.eigh(jacobian.T @ jacobian)
-    return vectors[:, 0]
+    return torch.stack(columns, dim=1)
 
 
 def _restarts(objective, beam):
@@ -644,24 +642,20 @@ def _restarts(objective, beam):
     return found
 
 
-def _covariance(probes, similarity, residuals, frame):
-    """Pose covariance (imager x y z, rx ry rz) from the similarity's curvature at the probes.
+def _covariance(jacobian, similarity, residuals, basis):
+    """Pose covariance (imager x y z, rx ry rz: mm, rad) from the similarity's curvature.
 
     Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over ``residuals``
-    elements): along each probed axis the cost's curvature is ``2 * k`` with ``k`` the
-    similarity's drop over the probes (second difference), and the residual variance is the
-    final cost per degree of freedom; variance = that / k. The translation variances, along the
-    columns of ``frame`` (``_beam_frame``), are turned into the imager frame; rotations are
-    converted from the mm-like parameters to radians. A direction without a drop gets a huge
-    variance.
+    elements): the covariance over the probed axes is sigma^2 (J^T J)^-1, with sigma^2 the
+    final cost per degree of freedom and ``jacobian`` from the probes (``_probe_jacobian``), so
+    a ridge that couples depth with a tilt shows as correlated uncertainty. ``basis`` turns the
+    probed axes into the perturbation (``_beam_frame`` columns, then the rotations); rotations
+    are converted from the mm-like parameters to radians. A direction without curvature gets a
+    variance of 1e6.
     """
     noise = max(2.0 - 2.0 * similarity, 1e-12) / max(residuals - 6, 1)
-    variances = []
-    for axis in range(6):
-        (_, minus), (offset, plus) = sorted((o, v) for (a, o), v in probes.items() if a == axis)
-        curvature = (2.0 * similarity - minus - plus) / offset ** 2
-        variance = noise / curvature if curvature > 0 else 1e6
-        variances.append(variance / (RADIUS_MM ** 2 if axis >= 3 else 1.0))
-    covariance = np.diag(variances)
-    covariance[:3, :3] = frame @ covariance[:3, :3] @ frame.T
-    return covariance
+    curvatures, directions = np.linalg.eigh((jacobian.T @ jacobian).numpy())
+    variances = np.minimum(noise / np.maximum(curvatures, 1e-300), 1e6)
+    covariance = basis.numpy() @ (directions * variances) @ directions.T @ basis.numpy().T
+    scale = np.array([1.0, 1.0, 1.0] + [1.0 / RADIUS_MM] * 3)
+    return covariance * np.outer(scale, scale)
