@@ -98,3 +98,18 @@ def test_cli_config_reads_the_node_yaml():
     assert config.min_ncc == node_values['min_ncc'] and ct_path == node_values['ct_path']
     config, ct_path = cli_config(parser.parse_args(['--ct', 'other.nii', '--refine']))
     assert config == RegistrationConfig(intensity_refine=True) and ct_path == 'other.nii'
+
+
+def test_cli_config_refuses_a_parameter_the_node_does_not_have(tmp_path):
+    """A removed or misspelled setting in --params-file is an error, not silently ignored."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--ct')
+    parser.add_argument('--refine', action='store_true')
+    settings.add_params_file_argument(parser)
+    old = tmp_path / 'old.yaml'
+    old.write_text('/**:\n  ros__parameters:\n    min_ncc: 0.6\n    min_points: 400\n')
+    with pytest.raises(ValueError, match='unknown parameter.*min_points'):
+        cli_config(parser.parse_args(['--params-file', str(old)]))
+    old.write_text('/**:\n  ros__parameters:\n    min_ncc: 0.6\n')
+    config, _ = cli_config(parser.parse_args(['--params-file', str(old)]))
+    assert config.min_ncc == 0.6

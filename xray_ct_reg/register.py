@@ -447,9 +447,11 @@ def cli_config(args):
     """(RegistrationConfig, CT path or None) of a CLI run: ``--params-file``, then the flags.
 
     The parameter file is the node's (``config/registration.yaml``), so the CLI registers
-    exactly as the node would; ``--refine`` and ``--ct`` override it. ValueError for a bad file.
+    exactly as the node would; ``--refine`` and ``--ct`` override it. ValueError for a bad file
+    or one that sets a parameter the node does not have.
     """
-    values = settings.read_params_file(args.params_file) if args.params_file else {}
+    values = settings.checked_node_values(
+        settings.read_params_file(args.params_file)) if args.params_file else {}
     config = settings.build(RegistrationConfig, values)
     if args.refine:
         config = replace(config, intensity_refine=True)

@@ -198,18 +198,27 @@ def add_params_arguments(parser):
     parser.add_argument('--write', default=None, help='write the file here instead of printing')
 
 
+def checked_node_values(values):
+    """``values`` of a node parameter file, each checked (:func:`check_value`).
+
+    Raises ValueError naming any that is not a node setting (misspelled, or removed since the
+    file was written): a setting the file means to change must not be ignored silently.
+    """
+    known = {spec.name: spec for spec in node_specs()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(unknown)} (not settings of "
+                         f'{NODE_NAME}: misspelled, or removed; see config/registration.yaml)')
+    return {name: check_value(known[name], value) for name, value in values.items()}
+
+
 def run_params(args):
     """Print or write the node's parameter file, comments generated from the settings."""
     all_specs = node_specs()
     try:
         values = (read_params_file(args.source) if args.source
                   else {spec.name: spec.default for spec in all_specs})
-        known = {spec.name: spec for spec in all_specs}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
-        for name, value in values.items():
-            check_value(known[name], value)
+        checked_node_values(values)
     except ValueError as error:
         print(f'error: {error}')
         return 1
