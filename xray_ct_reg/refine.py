@@ -585,8 +585,7 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
                          rival_margin=final - max(rivals, default=-math.inf),
                          sharpness=final - max(probes.values()), weak_margin=final - weak,
-                         polarity=polarity,
-                         improved=improved,
+                         polarity=polarity, improved=improved,
                          covariance=_covariance(jacobian, final, residuals, basis))
 
 
