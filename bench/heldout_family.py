@@ -25,7 +25,8 @@ accepted gross failures, for SCR only, with intensity refinement from the SCR po
 refinement alone started 5-15 mm / 2-5 deg from the truth (the similarity and its gate on this
 appearance, apart from the network), and started at the truth itself (``at_truth``: the most
 the gates can accept when the search cannot fail, with the gate that rejected each view); writes
-bench/results/heldout_family.json and a plot of the gate score (the similarity) against mTRE,
+bench/results/heldout_family.json, a plot of the gate scores (the similarity, the sharpness and
+the drop along the flattest direction) against mTRE with each gate's threshold,
 bench/results/heldout_family.png, and a contact sheet of the views.
 """
 import argparse
@@ -257,23 +258,36 @@ def _summary(records):
 
 
 def _plot(records, path, similarity):
-    """Gate score (the similarity at the refined pose) against mTRE, accepted and rejected."""
+    """Gate scores against mTRE, accepted and rejected, with each gate's threshold.
+
+    Panels: the similarity at the refined pose, its sharpness (drop to the best axis probe) and
+    its drop along the flattest direction.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for accepted, marker, label in ((True, 'o', 'accepted'), (False, 'x', 'rejected')):
-        chosen = [r for r in records if r['accepted'] == accepted and r.get('ncc') is not None]
-        axis.scatter([r['mtre_mm'] for r in chosen], [r['ncc'] for r in chosen], marker=marker,
-                     label=label)
-    axis.axvline(10.0, color='grey', linestyle=':', label='gross failure (10 mm)')
-    axis.set_xscale('log')
-    axis.set_xlabel('mTRE of the refined pose (mm): from the SCR start and from near the truth')
-    axis.set_ylabel(f'{similarity} at the refined pose (gate score)')
-    axis.set_title('held-out appearance family: gate score vs error')
-    axis.legend()
+
+    from xray_ct_reg.register import RegistrationConfig
+    config = RegistrationConfig()
+    panels = (('ncc', f'{similarity} at the refined pose', config.min_ncc),
+              ('sharpness', 'sharpness (drop to the best axis probe)', config.min_sharpness),
+              ('weak_margin', 'drop along the flattest direction', config.min_weak_sharpness))
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    for axis, (key, label, threshold) in zip(axes, panels, strict=True):
+        for accepted, marker, name in ((True, 'o', 'accepted'), (False, 'x', 'rejected')):
+            chosen = [r for r in records if r['accepted'] == accepted and r.get(key) is not None
+                      and np.isfinite(r[key])]
+            axis.scatter([r['mtre_mm'] for r in chosen], [r[key] for r in chosen], marker=marker,
+                         label=name)
+        axis.axvline(10.0, color='grey', linestyle=':', label='gross failure (10 mm)')
+        axis.axhline(threshold, color='red', linestyle='--', label='gate threshold')
+        axis.set_xscale('log')
+        axis.set_xlabel('mTRE of the refined pose (mm)')
+        axis.set_ylabel(label)
+    axes[0].set_title('held-out family, from SCR starts and near the truth')
+    axes[0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -331,6 +345,8 @@ def main():
                       'time_ms': result.timings_ms.get('total')}
             if result.refinement is not None:
                 record.update(ncc=result.refinement.ncc_after,
+                              sharpness=result.refinement.sharpness,
+                              weak_margin=result.refinement.weak_margin,
                               start_mtre_mm=geometry.mtre(result.scr_pose, case['pose'],
                                                           patient.targets))
             records.append(record)
