@@ -287,10 +287,10 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
     torch.testing.assert_close(recovered, jacobian)
     weakest = torch.linalg.eigh(recovered.T @ recovered)[1][:, 0]
     assert abs(float(weakest @ flat)) == pytest.approx(1.0, abs=1e-3)
-    covariance = refine._covariance(recovered, 0.9, 1000, torch.eye(6, dtype=torch.float64))
+    covariance = refine._covariance(recovered, 0.9, torch.eye(6, dtype=torch.float64))
     mm_like = np.array([1.0, 1.0, 1.0] + [refine.RADIUS_MM] * 3)  # undo the radians
     in_axes = covariance * np.outer(mm_like, mm_like)
-    noise = (2.0 - 2.0 * 0.9) / (1000 - 6)
+    noise = (2.0 - 2.0 * 0.9) / (len(jacobian) - 6)
     np.testing.assert_allclose(in_axes, noise * np.linalg.inv((jacobian.T @ jacobian).numpy()),
                                rtol=1e-6)
     widest = np.linalg.eigh(in_axes)[1][:, -1]

@@ -579,14 +579,12 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     jacobian = _probe_jacobian(probe_residuals)
     weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
-    residuals = sum(len(feature) for feature in finest.target_features)
-    rivals = [] if near_start else _restarts(
-        _Objective(finest, refined, beam_centre, polarity, measure, clock), frame[:, 2])
+    rivals = [] if near_start else _restarts(judge, frame[:, 2])
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
                          rival_margin=final - max(rivals, default=-math.inf),
                          sharpness=final - max(probes.values()), weak_margin=final - weak,
                          polarity=polarity, improved=improved,
-                         covariance=_covariance(jacobian, final, residuals, basis))
+                         covariance=_covariance(jacobian, final, basis))
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
@@ -641,18 +639,18 @@ def _restarts(objective, beam):
     return found
 
 
-def _covariance(jacobian, similarity, residuals, basis):
+def _covariance(jacobian, similarity, basis):
     """Pose covariance (imager x y z, rx ry rz: mm, rad) from the similarity's curvature.
 
-    Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over ``residuals``
-    elements): the covariance over the probed axes is sigma^2 (J^T J)^-1, with sigma^2 the
-    final cost per degree of freedom and ``jacobian`` from the probes (``_probe_jacobian``), so
+    Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over its elements, the
+    rows of ``jacobian``, which comes from the probes: ``_probe_jacobian``): the covariance over
+    the probed axes is sigma^2 (J^T J)^-1, with sigma^2 the final cost per degree of freedom, so
     a ridge that couples depth with a tilt shows as correlated uncertainty. ``basis`` turns the
     probed axes into the perturbation (``_beam_frame`` columns, then the rotations); rotations
     are converted from the mm-like parameters to radians. A direction without curvature gets a
     variance of 1e6.
     """
-    noise = max(2.0 - 2.0 * similarity, 1e-12) / max(residuals - 6, 1)
+    noise = max(2.0 - 2.0 * similarity, 1e-12) / max(len(jacobian) - 6, 1)
     curvatures, directions = np.linalg.eigh((jacobian.T @ jacobian).numpy())
     variances = np.minimum(noise / np.maximum(curvatures, 1e-300), 1e6)
     covariance = basis.numpy() @ (directions * variances) @ directions.T @ basis.numpy().T

@@ -153,11 +153,12 @@ class Result:
     then a small rotation about the imager axes applied on the left. SCR only, it comes from the
     correspondence residuals and treats pixels as independent, so it is optimistic; use it for
     relative confidence, not as a calibrated error bound. With intensity refinement (tracked or
-    not) it is the refinement's, from the similarity's curvature (diagonal across and along the
-    beam, and in the rotations), whenever the refinement scored a pose. ``inlier_spread`` is the
-    gate's measure of how the inlier pixels cover the image; ``num_candidates`` the number of
-    correspondences handed to RANSAC (``inlier_ratio`` is relative to it). With intensity
-    refinement, ``scr_pose`` is the PnP start and ``refinement`` the ``refine.RefineInfo``.
+    not) it is the refinement's, sigma^2 (J^T J)^-1 from the similarity's probes (correlations
+    between depth and tilt included), whenever the refinement scored a pose. ``inlier_spread``
+    is the gate's measure of how the inlier pixels cover the image; ``num_candidates`` the
+    number of correspondences handed to RANSAC (``inlier_ratio`` is relative to it). With
+    intensity refinement, ``scr_pose`` is the PnP start and ``refinement`` the
+    ``refine.RefineInfo``.
     """
 
     pose: np.ndarray | None
