@@ -102,3 +102,30 @@ def test_replay_reports_bad_inputs_without_a_traceback(tmp_path, checkpoint, cap
     args = _parse(bag.add_bag_record_sim_arguments,
                   ['--out', str(tmp_path / 'never'), '--ct', str(tmp_path / 'no_ct.nii.gz')])
     assert bag.run_bag_record_sim(args) == 2 and not (tmp_path / 'never').exists()
+
+
+def test_replay_through_the_node_judges_every_frame_and_shuts_down_cleanly(tmp_path, checkpoint,
+                                                                            capsys):
+    """The real node in this process: a verdict per frame as offline, and a clean shutdown.
+
+    A callback still running on the executor when the nodes are destroyed makes rclpy print
+    'The following exception was never retrieved' once its task is collected.
+    """
+    import gc
+    recorded = tmp_path / 'sim'
+    assert bag.run_bag_record_sim(_parse(bag.add_bag_record_sim_arguments,
+                                         ['--out', str(recorded), '-n', '3', '--size', '64'])) == 0
+    reports = {}
+    for mode in ('offline', 'node'):
+        out_json = tmp_path / f'{mode}.json'
+        argv = [str(recorded), '--model', str(checkpoint), '--out-json', str(out_json)]
+        assert bag.run_replay(_parse(bag.add_replay_arguments,
+                                     argv + (['--through-node'] if mode == 'node' else []))) == 0
+        reports[mode] = json.loads(out_json.read_text())
+    gc.collect()
+    assert 'never retrieved' not in capsys.readouterr().err
+    assert reports['node']['mode'] == 'node' and len(reports['node']['frames']) == 3
+    for through_node, offline in zip(reports['node']['frames'], reports['offline']['frames'],
+                                     strict=True):
+        assert through_node['stamp_ns'] == offline['stamp_ns']
+        assert through_node['reason'] == offline['reason']

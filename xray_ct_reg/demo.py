@@ -64,7 +64,7 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     """
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import CameraInfo, Image
@@ -76,7 +76,7 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     ros_io.select_transport_profile()
     context = Context()
     rclpy.init(context=context)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor = SingleThreadedExecutor(context=context)
     verdicts, done = {}, threading.Condition()
 
     def on_result(stamp, verdict, reason, result):
@@ -99,11 +99,11 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
     info_pub = feeder.create_publisher(CameraInfo, '/carm/camera_info', 10)
     for each in (node, feeder, listener.node):
         executor.add_node(each)
-    outcomes = []
+    outcomes, spinner = [], None
     try:
         if not node.start():
             raise RuntimeError(f'the node did not start: {node.stats()["last_reason"]}')
-        _spin_in_background(executor)
+        spinner = _spin_in_background(executor)
         deadline = time.monotonic() + 10.0
         while (image_pub.get_subscription_count() == 0 or info_pub.get_subscription_count() == 0
                ) and time.monotonic() < deadline:  # a CameraInfo sent before matching is lost
@@ -116,6 +116,8 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
                                       Header))
     finally:
         executor.shutdown()
+        if spinner is not None:  # its last callback done before the nodes go
+            spinner.join()
         node.stop()
         for each in (node, feeder, listener.node):
             each.destroy_node()
@@ -181,7 +183,7 @@ def run_demo(args):
     """Run the simulated C-arm and the registration node together; print and save results."""
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     from xray_ct_reg import ct
@@ -200,7 +202,7 @@ def run_demo(args):
     ros_io.select_transport_profile()
     context = Context()
     rclpy.init(context=context)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor = SingleThreadedExecutor(context=context)
     sim = node = listener = None
     try:
         sim = SimulatedCarm(patient=patient, context=context, parameter_overrides=[
