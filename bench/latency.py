@@ -15,7 +15,6 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -34,12 +33,8 @@ def main():
     parser.add_argument('--model', default=str(REPO / 'models' / 'chest_example.pt'))
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--refine', action='store_true', help='also time intensity refinement')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch threads (default: torch\'s choice)')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'latency.json'))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     patient = ct.load_patient('example')
     simulator = simulate.Simulator(patient)
     rng = np.random.default_rng(DEFAULT_SEED + 1)
@@ -49,8 +44,8 @@ def main():
     configs = [('scr', RegistrationConfig())]
     if args.refine:
         configs.append(('scr+refine', RegistrationConfig(intensity_refine=True)))
-    results = {'device': f'CPU ({platform.processor() or platform.machine()}), '
-                         f'torch threads {torch.get_num_threads()}', 'repeats': args.repeats}
+    results = {'device': f'CPU ({platform.processor() or platform.machine()}), registration '
+                         'on one torch thread (model.one_torch_thread)', 'repeats': args.repeats}
     for name, config in configs:
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
         network = registrar.network_size[0]

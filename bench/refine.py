@@ -7,7 +7,7 @@ amount: a translation of 5, 10, 20, 40 or 80 mm in a random direction, or a rota
 mTRE; a start also counts how often the gates accepted, and accepted gross failures (> 10 mm).
 Prints a table, writes bench/results/refine.json and a plot of success against start error.
 
-    .venv/bin/python bench/refine.py [-n 3] [--threads 2]
+    .venv/bin/python bench/refine.py [-n 3]
 """
 import argparse
 import json
@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -57,10 +56,8 @@ def main():
     """Run the capture-range grid; print, write JSON and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('-n', type=int, default=3, help='full views per family')
-    parser.add_argument('--threads', type=int, default=2, help='torch threads')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     patient = ct.load_patient('example')
     projectors = refine.level_projectors(patient.ct)
     config = RegistrationConfig(intensity_refine=True)
@@ -104,11 +101,11 @@ def main():
                   f"{row['seconds_p50']:6.2f}")
     seconds = [r['seconds'] for r in records]
     print(f"time per refinement: p50 {np.median(seconds):.2f} s, p95 "
-          f"{np.percentile(seconds, 95):.2f} s ({args.threads} threads)")
+          f"{np.percentile(seconds, 95):.2f} s (one torch thread)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'refine.json').write_text(json.dumps(
-        {'threads': args.threads, 'n_per_family': args.n, 'success_mm': SUCCESS_MM,
+        {'threads': 1, 'n_per_family': args.n, 'success_mm': SUCCESS_MM,
          'seconds_p50': float(np.median(seconds)),
          'seconds_p95': float(np.percentile(seconds, 95)), 'summary': summary,
          'records': records}, indent=1))

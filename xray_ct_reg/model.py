@@ -13,6 +13,7 @@ ConvNeXt). It uses no batch and no spatial statistics, so training does not depe
 size and the network stays translation equivariant (up to zero padding at the image border): a
 crop of the input gives the crop of the output away from the border.
 """
+import contextlib
 import datetime
 import hashlib
 import io
@@ -177,6 +178,27 @@ class SCRNet(nn.Module):
     def normalise_coordinates(self, points_mm):
         """CT mm coordinates (..., 3) -> normalised coordinates (same shape)."""
         return (points_mm - self.bone_centroid) / self.bone_radius
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread inside (the previous count restored after).
+
+    Registration runs the network and the refinement this way, so its arithmetic does not
+    depend on the machine's core count or on who set torch's threads: with two threads the
+    network's reductions split differently and its last bits change, which RANSAC on a few
+    hundred inliers among thousands can turn into another pose (16 of 30 own views registered
+    differently with 1 and 2 threads, one accepted with 2 and rejected with 1). The cost is
+    about 1 ms for the 64 px network; the refinement's tensors are small, and a second OpenMP
+    thread only spins against OpenCV's warps there. Another CPU type (other SIMD kernels) can
+    still change the last bits.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def count_parameters(model):

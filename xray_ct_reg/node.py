@@ -199,12 +199,9 @@ class RegistrationNode(LifecycleNode):
 
     def _load_registrar(self, registration_config):
         """Build the Registrar; return (registrar, patient or None)."""
-        import torch
-
         from xray_ct_reg.register import Registrar
         if not self._model_path():
             raise ValueError('model_path is empty and no committed example model was found')
-        torch.set_num_threads(self._config.inference_threads)
         patient = None
         if self._config.ct_path:
             from xray_ct_reg import ct

@@ -34,7 +34,6 @@ relative evidence that transfers across appearance, where the similarity's level
 Probes see only the neighbourhood, so short restarts along the beam on either side check that
 no better optimum lies a little farther (``RefineInfo.rival_margin``).
 """
-import contextlib
 from dataclasses import dataclass, replace
 import math
 import time
@@ -440,21 +439,6 @@ def _beam_frame(centre_imager):
     return torch.stack([across, torch.linalg.cross(beam, across), beam], dim=1)
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Run torch on one thread inside (restored after).
-
-    The refinement's tensors hold a few thousand elements; a second OpenMP thread only spins
-    against OpenCV's warps (measured: twice as slow with 2 threads as with 1).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
                 levels=LEVEL_SIZES_PX, iterations=LEVEL_ITERATIONS, centre_ct=None,
                 similarity='ngf', near_start=False, blur_px=None):
@@ -476,7 +460,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     ``finished`` False: a frame to reject, never a truncated optimisation.
     """
     started = time.perf_counter()
-    with _one_torch_thread():
+    with model.one_torch_thread():
         refined, info, clock = _refine(projector, image, intrinsics, pose, started + time_budget_s,
                                        levels, iterations, centre_ct, similarity, near_start,
                                        blur_px)
@@ -603,7 +587,7 @@ def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None
     centre = torch.as_tensor(_view_centre(pose.numpy(), centre_ct, mask, level_intrinsics))
     zero = torch.zeros(6, dtype=torch.float64)
     clock = _Clock(math.inf)
-    with _one_torch_thread():
+    with model.one_torch_thread():
         polarity = _polarity_at(level, pose, centre, similarity, clock)
         return np.array([_Objective(level, _along_beam(pose, centre, offset), centre, polarity,
                                     similarity, clock).similarity(zero)

@@ -357,7 +357,8 @@ class Registrar:
         timings['preprocess'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()
-        prediction = self.model.predict(tensor)
+        with scr_model.one_torch_thread():  # the same bits whatever the machine's cores
+            prediction = self.model.predict(tensor)
         timings['network'] = 1e3 * (time.perf_counter() - tick)
 
         tick = time.perf_counter()

@@ -101,9 +101,6 @@ class NodeConfig:
     tracking_max_age_s: float = setting(
         2.0, 'how long (s, by image stamps) an accepted pose may start the next frames',
         limits=(0.0, 60.0), live=True)
-    inference_threads: int = setting(
-        1, 'torch threads of the registration worker; keep a core free for receiving frames',
-        limits=(1, 64))
 
 
 class PairingError(ValueError):
