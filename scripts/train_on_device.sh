@@ -11,6 +11,13 @@
 # writes OUT_DIR/<name>/model.pt, training_curves.png, training_log.json and model.state.pt
 # (resume with `xray-ct-reg train --patient ... --resume .../model.state.pt`). DEVICE=cpu and
 # small MINUTES/EPOCH_VIEWS give a smoke test on a machine without a GPU.
+#
+# One schedule over two device calls (each at most 10 minutes): STOP_AFTER ends a call early
+# while the learning-rate schedule runs over MINUTES; the state comes back in parts under 16 MiB
+# (model.state.pt.part-NN, a device machine returns no larger file), and the next call resumes it:
+#   STOP_AFTER=7.5 RESUME=models/chest_example.pt scripts/train_on_device.sh OUT 12
+#   mkdir -p state && cat OUT/px64_w16/model.state.pt.part-* > state/model.state.pt
+#   RESUME=state/model.state.pt scripts/train_on_device.sh OUT2 12
 set -euo pipefail
 OUT_DIR=${1:?usage: train_on_device.sh OUT_DIR [MINUTES]}
 MINUTES=${2:-6.5}
@@ -18,6 +25,7 @@ DEVICE=${DEVICE:-cuda}
 EPOCH_VIEWS=${EPOCH_VIEWS:-16384}
 BATCH=${BATCH:-256}
 RESUME=${RESUME:-}          # a checkpoint or training state to continue from
+STOP_AFTER=${STOP_AFTER:-}  # minutes: end this call early; the schedule still runs over MINUTES
 # name:size:width -- resolution and width measured against each other (CPU inference cost:
 # bench/latency.py)
 # (first run, 2026-11-26, H200, 6.5 min each side by side at batch 32: px64_w16 38.5 mm,
@@ -36,6 +44,7 @@ for config in $CONFIGS; do
     --out "$OUT_DIR/$name/model.pt" --device "$DEVICE" --train-size "$size" --width "$width" \
     --batch-size "$BATCH" --epoch-views "$EPOCH_VIEWS" --max-minutes "$MINUTES" \
     --epochs 100000 --patience 100000 --threads 2 --quiet ${RESUME:+--resume "$RESUME"} \
+    ${STOP_AFTER:+--stop-after-minutes "$STOP_AFTER"} \
     >"$OUT_DIR/$name/train.log" 2>&1 &
   pids+=($!)
 done
@@ -44,5 +53,10 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for config in $CONFIGS; do
   name=${config%%:*}
   echo "== $name"; tail -n 2 "$OUT_DIR/$name/train.log"
+  state="$OUT_DIR/$name/model.state.pt"
+  if [ -f "$state" ]; then
+    rm -f "$state".part-*
+    split -b 15M -d "$state" "$state.part-"
+  fi
 done
 exit $status

@@ -167,6 +167,50 @@ def test_resumed_state_continues_optimiser_schedule_and_data_exactly(tmp_path):
         training.train(training.TrainConfig(**{**vars(config), 'resume': str(tmp_path / 'bad.pt')}))
 
 
+def test_a_state_resumed_elsewhere_carries_its_best_checkpoint(tmp_path):
+    """Resumed into another --out (the next call of a GPU run), the best so far is there at once.
+
+    Here the state's schedule is already over, so the resumed run trains no epoch: before the
+    state carried the checkpoint, it left no model at its out and reported no metrics.
+    """
+    data = _write_dataset(tmp_path / 'data')
+    config = training.TrainConfig(data=str(data), out=str(tmp_path / 'first' / 'model.pt'),
+                                  epochs=2, batch_size=4, width=4, depth=2, progress=False,
+                                  patience=5)
+    first = training.train(config)
+    elsewhere = tmp_path / 'second' / 'model.pt'
+    again = training.train(training.TrainConfig(**{
+        **vars(config), 'out': str(elsewhere), 'resume': str(training.state_path(config.out))}))
+    assert again['epochs'] == 2 and again['loss'] == first['loss']
+    assert elsewhere.read_bytes() == Path(config.out).read_bytes()
+    scr.load_checkpoint(elsewhere, expected_ct_sha256=CT_SHA)
+
+
+def test_gpu_script_runs_on_cpu_stops_early_and_returns_its_state_in_parts(tmp_path):
+    """scripts/train_on_device.sh as a smoke test on the CPU (DEVICE=cpu, tiny settings).
+
+    STOP_AFTER ends the call after one epoch of a longer schedule; the state comes back in
+    parts a device machine can return (each under 16 MiB) that concatenate to it.
+    """
+    import os
+    import subprocess
+    import sys
+    environment = {**os.environ, 'PATH': f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   'DEVICE': 'cpu', 'EPOCH_VIEWS': '8', 'BATCH': '4',
+                   'CONFIGS': 'tiny:64:4', 'STOP_AFTER': '0'}
+    subprocess.run(['bash', str(REPO / 'scripts' / 'train_on_device.sh'), str(tmp_path), '5'],
+                   env=environment, check=True, capture_output=True, timeout=600)
+    run = tmp_path / 'tiny'
+    scr.load_checkpoint(run / 'model.pt')
+    assert len(json.loads((run / training.LOG_NAME).read_text())['epochs']) == 1
+    parts = sorted(run.glob('model.state.pt.part-*'))
+    assert parts and all(part.stat().st_size <= 15 * 2 ** 20 for part in parts)
+    state = run / 'model.state.pt'
+    assert b''.join(part.read_bytes() for part in parts) == state.read_bytes()
+    progress = torch.load(state, weights_only=True)['progress']
+    assert progress['train_s'] < 5 * 60  # stopped early: the schedule runs on when resumed
+
+
 def test_cli_arguments():
     parser = argparse.ArgumentParser()
     training.add_train_arguments(parser)

@@ -27,6 +27,7 @@ validation loss is checkpointed; training stops early after ``patience`` epochs 
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+import io
 import json
 import math
 from pathlib import Path
@@ -458,21 +459,33 @@ def state_path(checkpoint_path):
     return checkpoint_path.with_name(checkpoint_path.stem + STATE_SUFFIX)
 
 
+def _write_atomically(path, data):
+    """Write ``data`` (bytes) to ``path`` through a temporary file beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + '.partial')
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
 def _save_state(path, network, optimizer, progress, source, rng):
-    """Write the full-precision weights, optimiser, schedule and random states atomically."""
+    """Write the full-precision weights, optimiser, schedule and random states atomically.
+
+    ``progress`` holds the best checkpoint's bytes too, so a run resumed elsewhere (another
+    machine, another ``--out``) that does not beat it still leaves it at its ``out``.
+    """
     payload = {'format': STATE_FORMAT, 'network': network.state_dict(),
                'architecture': {'base_width': network.base_width, 'depth': network.depth},
                'optimizer': optimizer.state_dict(), 'progress': progress,
                'source': source.state(), 'rng': rng.bit_generator.state}
-    temporary = path.with_name(path.name + '.partial')
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _write_atomically(path, buffer.getvalue())
 
 
 def _start(config, source, device):
     """Network, optimiser and progress: fresh, from a checkpoint, or from a training state."""
     progress = {'step': 0, 'train_s': 0.0, 'history': [], 'best_loss': math.inf,
-                'first_epoch': 0}
+                'first_epoch': 0, 'best_metrics': None, 'best_checkpoint': None}
     rng = np.random.default_rng(config.seed)
     state = None
     if config.resume:
@@ -513,7 +526,8 @@ def train(config):
     Data come from a dataset folder (``config.data``) or, online, from a patient file
     (``config.patient``). Next to ``config.out`` it also writes ``training_curves.png``,
     ``training_log.json`` and the resumable state (``<name>.state.pt``: full-precision weights,
-    optimiser, schedule position and random states; ``--resume`` it to continue). The schedule
+    optimiser, schedule position, random states and the best checkpoint so far, which a resumed
+    run writes to its own ``out`` at once; ``--resume`` it to continue). The schedule
     runs over ``epochs`` or ``max_minutes`` of training time, whichever ends first, counted
     across runs resumed from a state (resumed from a checkpoint's weights alone, a new schedule
     starts); ``stop_after_minutes`` ends this run early without changing it. The
@@ -535,7 +549,9 @@ def train(config):
     history = {'epochs': progress['history'], 'K': np.asarray(source.K).tolist()}
     out = Path(config.out)
     stale, samples_seen, run_train_s = 0, 0, 0.0
-    best_metrics = None
+    best_metrics = progress.get('best_metrics')
+    if progress.get('best_checkpoint') is not None:  # resumed: the best so far, wherever out is
+        _write_atomically(out, progress['best_checkpoint'].numpy().tobytes())
     while len(history['epochs']) - progress['first_epoch'] < config.epochs:
         epoch = len(history['epochs'])
         network.train()
@@ -595,6 +611,9 @@ def train(config):
                                             progress['train_s'])
             metadata['history'] = history['epochs']
             scr.save_checkpoint(out, network, metadata)
+            progress['best_metrics'] = metrics
+            progress['best_checkpoint'] = torch.frombuffer(bytearray(out.read_bytes()),
+                                                           dtype=torch.uint8)
         else:
             stale += 1
         _save_state(state_path(out), network, optimizer, progress, source, rng)
