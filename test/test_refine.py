@@ -287,7 +287,8 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
     torch.testing.assert_close(recovered, jacobian)
     weakest = torch.linalg.eigh(recovered.T @ recovered)[1][:, 0]
     assert abs(float(weakest @ flat)) == pytest.approx(1.0, abs=1e-3)
-    covariance = refine._covariance(recovered, 0.9, torch.eye(6, dtype=torch.float64))
+    covariance = refine._covariance(recovered, 0.9, torch.eye(6, dtype=torch.float64),
+                                    np.zeros(3))
     mm_like = np.array([1.0, 1.0, 1.0] + [refine.RADIUS_MM] * 3)  # undo the radians
     in_axes = covariance * np.outer(mm_like, mm_like)
     noise = (2.0 - 2.0 * 0.9) / (len(jacobian) - 6)
@@ -295,6 +296,28 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
                                rtol=1e-6)
     widest = np.linalg.eigh(in_axes)[1][:, -1]
     assert abs(float(widest @ flat.numpy())) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_covariance_is_of_the_pose_origin_not_of_the_refinement_centre():
+    """The refinement turns about a centre; the published covariance is about the pose's origin.
+
+    Small perturbations (d about the centre, rotation r) move the pose's translation and
+    rotation as ``_about_origin`` says, so a covariance over (d, r) maps onto the pose's.
+    """
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(3)
+    pose = torch.as_tensor(geometry.pose_from_rotvec([0.3, -0.2, 0.1], [20.0, -35.0, 780.0]))
+    centre = torch.tensor([5.0, 10.0, 640.0], dtype=torch.float64)
+    to_origin = refine._about_origin((pose[:3, 3] - centre).numpy())
+    for _ in range(5):
+        d, r = rng.normal(size=3) * 1e-3, rng.normal(size=3) * 1e-6  # mm, rad
+        moved = refine._perturbed_pose(
+            pose, torch.as_tensor(np.concatenate([d, r * refine.RADIUS_MM])), centre).numpy()
+        dt = moved[:3, 3] - pose[:3, 3].numpy()
+        dr = Rotation.from_matrix(moved[:3, :3] @ pose[:3, :3].numpy().T).as_rotvec()
+        np.testing.assert_allclose(np.concatenate([dt, dr]), to_origin @ np.concatenate([d, r]),
+                                   rtol=1e-5, atol=1e-12)
+    assert np.abs(to_origin[:3, 3:]).max() > 100.0  # the lever arm is the centre's 140 mm
 
 
 def test_a_sharp_looking_optimum_on_a_ridge_is_rejected(patient, projectors):

@@ -568,7 +568,8 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
                          rival_margin=final - max(rivals, default=-math.inf),
                          sharpness=final - max(probes.values()), weak_margin=final - weak,
                          polarity=polarity, improved=improved,
-                         covariance=_covariance(jacobian, final, basis))
+                         covariance=_covariance(jacobian, final, basis,
+                                                (refined[:3, 3] - beam_centre).numpy()))
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
@@ -623,7 +624,7 @@ def _restarts(objective, beam):
     return found
 
 
-def _covariance(jacobian, similarity, basis):
+def _covariance(jacobian, similarity, basis, lever_mm):
     """Pose covariance (imager x y z, rx ry rz: mm, rad) from the similarity's curvature.
 
     Gauss-Newton on the feature residual (cost ``2 - 2 * similarity`` over its elements, the
@@ -632,11 +633,25 @@ def _covariance(jacobian, similarity, basis):
     a ridge that couples depth with a tilt shows as correlated uncertainty. ``basis`` turns the
     probed axes into the perturbation (``_beam_frame`` columns, then the rotations); rotations
     are converted from the mm-like parameters to radians. A direction without curvature gets a
-    variance of 1e6.
+    variance of 1e6. The perturbation turns about the refinement's centre, the published pose's
+    translation is its origin's (as PnP's and ROS's): ``lever_mm`` (imager mm) is the pose's
+    translation minus the centre (``_about_origin``).
     """
     noise = max(2.0 - 2.0 * similarity, 1e-12) / max(len(jacobian) - 6, 1)
     curvatures, directions = np.linalg.eigh((jacobian.T @ jacobian).numpy())
     variances = np.minimum(noise / np.maximum(curvatures, 1e-300), 1e6)
     covariance = basis.numpy() @ (directions * variances) @ directions.T @ basis.numpy().T
     scale = np.array([1.0, 1.0, 1.0] + [1.0 / RADIUS_MM] * 3)
-    return covariance * np.outer(scale, scale)
+    to_origin = _about_origin(lever_mm)
+    return to_origin @ (covariance * np.outer(scale, scale)) @ to_origin.T
+
+
+def _about_origin(lever_mm):
+    """(6, 6) map from a perturbation about a centre (d mm, r rad) to the pose's (dt, r).
+
+    Turning by r about the centre moves the pose's origin, ``lever_mm`` from it, by r x lever
+    besides d (``_perturbed_pose``, to first order).
+    """
+    to_origin = np.eye(6)
+    to_origin[:3, 3:] = np.cross(np.asarray(lever_mm, dtype=float), np.eye(3))
+    return to_origin
