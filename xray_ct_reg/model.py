@@ -189,9 +189,9 @@ def one_torch_thread():
     network's reductions split differently and its last bits change, which RANSAC on a few
     hundred inliers among thousands can turn into another pose (16 of 30 own views registered
     differently with 1 and 2 threads, one accepted with 2 and rejected with 1). The cost is
-    about 1 ms for the 64 px network; the refinement's tensors are small, and a second OpenMP
-    thread only spins against OpenCV's warps there. Another CPU type (other SIMD kernels) can
-    still change the last bits.
+    about 2 ms for the 64 px network (8-9 ms against 6-7 ms on two threads); the refinement's
+    tensors are small, and a second OpenMP thread only spins against OpenCV's warps there.
+    Another CPU type (other SIMD kernels) can still change the last bits.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
