@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 import platform
-import threading
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ def main():
 
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -43,7 +42,7 @@ def main():
     from std_msgs.msg import Header
 
     from xray_ct_reg import ct, geometry, ros_io, sim_carm
-    from xray_ct_reg.demo import _Listener
+    from xray_ct_reg.demo import _Listener, _spin_in_background
     from xray_ct_reg.node import RegistrationNode, default_model_path
     from xray_ct_reg.register import to_jsonable
 
@@ -66,11 +65,11 @@ def main():
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     image_pub = feeder.create_publisher(Image, '/carm/image_raw', qos)
     info_pub = feeder.create_publisher(CameraInfo, '/carm/camera_info', qos)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor = SingleThreadedExecutor(context=context)  # callbacks are short: a worker registers
     for each in (node, feeder, listener.node):
         executor.add_node(each)
     assert node.start(), node.stats()
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = _spin_in_background(executor)
     while image_pub.get_subscription_count() == 0 or info_pub.get_subscription_count() == 0:
         time.sleep(0.05)
     messages = [(ros_io.array_to_image_msg(f.image, 'mono16'),
@@ -90,6 +89,7 @@ def main():
     time.sleep(2.0)
     stats = node.stats()
     executor.shutdown()
+    spinner.join()  # its last callback done before the nodes are destroyed
     node.stop()
     for each in (node, feeder, listener.node):
         each.destroy_node()
