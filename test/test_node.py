@@ -365,8 +365,8 @@ def test_lifecycle_transitions(harness, frames, untrained_model):
 def _bad_inputs(frame):
     """(name, publish kwargs, expected reason fragment) of every bad input."""
     from sensor_msgs.msg import Image
-    rgb = Image(height=4, width=4, encoding='rgb8', step=12)
-    rgb.data = array.array('B', bytes(48))
+    yuv = Image(height=4, width=4, encoding='yuv422', step=8)  # colour is read; YUV is not
+    yuv.data = array.array('B', bytes(32))
     empty = Image(height=0, width=0, encoding='mono16', step=0)
     nan = frame.image.astype(np.float32)
     nan[10:20, 10:20] = np.nan
@@ -376,7 +376,7 @@ def _bad_inputs(frame):
     distorted_info = ros_io.intrinsics_to_camera_info(frame.intrinsics)
     distorted_info.d = [-0.3, 0.1, 0.0, 0.0, 0.0]
     return [
-        ('wrong encoding', dict(image=rgb), 'unsupported image encoding'),
+        ('wrong encoding', dict(image=yuv), 'unsupported image encoding'),
         ('empty image', dict(image=empty), 'empty image'),
         ('NaN image', dict(image=nan, encoding='32FC1'), 'NaN'),
         ('size mismatch', dict(image=frame.image[:128]), 'does not match CameraInfo'),

@@ -24,7 +24,7 @@ def _raw_image(image, encoding, bigendian=False, padding=0):
     """Build an Image message by hand (independent of array_to_image_msg)."""
     order = '>' if bigendian else '<'
     rows = image.astype(image.dtype.newbyteorder(order)).tobytes()
-    row_bytes = image.shape[1] * image.dtype.itemsize
+    row_bytes = image[0].nbytes
     data = b''.join(rows[i * row_bytes:(i + 1) * row_bytes] + b'\xAB' * padding
                     for i in range(image.shape[0]))
     msg = Image(height=image.shape[0], width=image.shape[1], encoding=encoding,
@@ -54,8 +54,42 @@ def test_big_endian_and_padded_step(encoding, bigendian, padding):
     assert out.dtype == image.dtype
 
 
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'bgra8', 'rgb16', 'bgr16',
+                                      'rgba16', 'bgra16'])
+@pytest.mark.parametrize('bigendian', [False, True])
+def test_colour_frames_are_read_as_their_luminance(encoding, bigendian):
+    """A frame grabber's colour copy of a grey X-ray gives back the grey image, any alpha."""
+    dtype = np.uint16 if encoding.endswith('16') else np.uint8
+    grey = RNG.integers(0, np.iinfo(dtype).max + 1, (5, 7)).astype(dtype)
+    channels = [grey] * 3 + ([RNG.integers(0, 200, (5, 7)).astype(dtype)]
+                             if 'a' in encoding else [])
+    out = ros_io.image_to_array(_raw_image(np.stack(channels, axis=-1), encoding, bigendian, 4))
+    assert out.dtype == dtype and out.shape == grey.shape
+    np.testing.assert_array_equal(out, grey)
+    red = np.zeros((5, 7, 3), dtype)
+    red[..., 0 if encoding.startswith('rgb') else 2] = np.iinfo(dtype).max  # pure red
+    luminance = ros_io.image_to_array(_raw_image(red, encoding.replace('a', '')))  # no alpha
+    np.testing.assert_allclose(luminance, 0.299 * np.iinfo(dtype).max, rtol=0.01)
+
+
+def test_colour_image_files_are_read_as_their_luminance(tmp_path):
+    """A colour PNG (OpenCV's BGR or BGRA order) reads as the message of the same frame."""
+    import cv2
+
+    from xray_ct_reg import image_io
+    frame = RNG.integers(0, 65536, (5, 7, 4)).astype(np.uint16)
+    for channels, encoding in ((3, 'bgr16'), (4, 'bgra16')):
+        path = tmp_path / f'colour{channels}.png'
+        cv2.imwrite(str(path), frame[..., :channels])
+        from_file = image_io.read_image(path)
+        assert from_file.shape == (5, 7) and from_file.dtype == np.uint16
+        np.testing.assert_array_equal(
+            from_file, ros_io.image_to_array(_raw_image(frame[..., :channels], encoding)))
+
+
 @pytest.mark.parametrize('mutate, match', [
-    (lambda m: setattr(m, 'encoding', 'rgb8'), 'unsupported image encoding'),
+    (lambda m: setattr(m, 'encoding', 'yuv422'), 'unsupported image encoding'),
+    (lambda m: setattr(m, 'encoding', 'rgb16'), 'step'),  # 2 bytes a pixel are not 6
     (lambda m: setattr(m, 'encoding', ''), 'unsupported image encoding'),
     (lambda m: setattr(m, 'height', 0), 'empty image'),
     (lambda m: setattr(m, 'step', 3), 'step'),

@@ -5,7 +5,8 @@ this module turns files (and ROS encoding names) into them.
 
 ``IMAGE_ENCODINGS`` is the single list of the sensor_msgs/Image encodings a C-arm uses that the
 project reads and writes: ``ros_io`` converts messages with it, ``sim_carm`` and ``bag`` write
-with it, and the node's parameter description names it.
+with it, and the node's parameter description names it. ``COLOUR_ENCODINGS`` are read too, as
+their luminance (a frame grabber's copy of the C-arm's monitor arrives in colour).
 """
 import json
 from pathlib import Path
@@ -24,6 +25,14 @@ IMAGE_ENCODINGS = {
 }
 # the encoding written for each dtype (the mono* names where there are two)
 WRITE_ENCODINGS = ('mono8', 'mono16', '32FC1')
+# colour encodings read as their luminance -> (numpy dtype, channels, OpenCV conversion to grey)
+COLOUR_ENCODINGS = {
+    'rgb8': (np.uint8, 3, 'COLOR_RGB2GRAY'), 'bgr8': (np.uint8, 3, 'COLOR_BGR2GRAY'),
+    'rgba8': (np.uint8, 4, 'COLOR_RGBA2GRAY'), 'bgra8': (np.uint8, 4, 'COLOR_BGRA2GRAY'),
+    'rgb16': (np.uint16, 3, 'COLOR_RGB2GRAY'), 'bgr16': (np.uint16, 3, 'COLOR_BGR2GRAY'),
+    'rgba16': (np.uint16, 4, 'COLOR_RGBA2GRAY'), 'bgra16': (np.uint16, 4, 'COLOR_BGRA2GRAY'),
+}
+READ_ENCODINGS = tuple(IMAGE_ENCODINGS) + tuple(COLOUR_ENCODINGS)
 
 
 def encoding_dtype(encoding):
@@ -32,6 +41,26 @@ def encoding_dtype(encoding):
         raise ValueError(f"unsupported image encoding '{encoding}' "
                          f"(supported: {', '.join(IMAGE_ENCODINGS)})")
     return np.dtype(IMAGE_ENCODINGS[encoding][0])
+
+
+def read_layout(encoding):
+    """(numpy dtype, channels) of an encoding that is read; ValueError naming them otherwise."""
+    if encoding in COLOUR_ENCODINGS:
+        dtype, channels, _ = COLOUR_ENCODINGS[encoding]
+        return np.dtype(dtype), channels
+    if encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"unsupported image encoding '{encoding}' "
+                         f"(supported: {', '.join(READ_ENCODINGS)})")
+    return encoding_dtype(encoding), 1
+
+
+def to_grey(pixels, encoding):
+    """A frame of ``encoding`` as a 2D image of its dtype: colour (H, W, C) by its luminance."""
+    if encoding not in COLOUR_ENCODINGS:
+        return pixels
+    import cv2
+    conversion = getattr(cv2, COLOUR_ENCODINGS[encoding][2])
+    return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
 def encoding_for(image):
@@ -69,8 +98,8 @@ def read_image(path):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise ValueError(f'could not read {path} as an image')
-        if image.ndim == 3:
-            image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
+        if image.ndim == 3:  # OpenCV reads colour as BGR(A)
+            image = to_grey(image, 'bgra8' if image.shape[2] == 4 else 'bgr8')
     if np.asarray(image).ndim != 2:
         raise ValueError(f'{path}: expected a 2D image, got shape {np.asarray(image).shape}')
     return image

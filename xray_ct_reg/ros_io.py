@@ -3,7 +3,8 @@
 Millimetres become metres here and nowhere else: TF and geometry_msgs poses carry metres
 (REP 103), the core works in millimetres. Image conversion uses ``cv_bridge`` when it imports
 (a real ROS install) and otherwise a small numpy conversion for the encodings a C-arm uses
-(``image_io.IMAGE_ENCODINGS``), honouring ``step`` (row padding) and ``is_bigendian``. TF goes
+(``image_io.IMAGE_ENCODINGS``; colour frames become their luminance), honouring ``step`` (row
+padding) and ``is_bigendian``. TF goes
 out through ``tf2_ros.TransformBroadcaster`` when it imports, else through a
 ``tf2_msgs/TFMessage`` publisher on ``/tf`` with tf2_ros's QoS. ``select_transport_profile``
 points Fast DDS at the package's profile for full-size frames.
@@ -168,34 +169,38 @@ def stamp_to_ns(stamp):
 
 # ----------------------------------------------------------------------------- images
 def _check_image(msg):
-    """Validate an Image's encoding and buffer size; return its numpy dtype."""
-    dtype = image_io.encoding_dtype(msg.encoding)
+    """Validate an Image's encoding and buffer size; return its (numpy dtype, channels)."""
+    dtype, channels = image_io.read_layout(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f'empty image ({width}x{height})')
-    if step < width * dtype.itemsize:
+    if step < width * channels * dtype.itemsize:
         raise ValueError(f'image step {step} is smaller than width {width} x '
-                         f'{dtype.itemsize} bytes')
+                         f'{channels * dtype.itemsize} bytes')
     if len(msg.data) != step * height:
         raise ValueError(f'image data has {len(msg.data)} bytes, expected step {step} x '
                          f'height {height} = {step * height}')
-    return dtype
+    return dtype, channels
 
 
 def image_to_array(msg):
     """Convert a sensor_msgs/Image to a 2D numpy array (uint8, uint16 or float32).
 
-    Raises ValueError for an unsupported encoding, an empty image or a data size that does not
-    match ``step * height``.
+    A colour frame (``image_io.COLOUR_ENCODINGS``) becomes its luminance. Raises ValueError for
+    an unsupported encoding, an empty image or a data size that does not match
+    ``step * height``.
     """
-    dtype = _check_image(msg)
+    dtype, channels = _check_image(msg)
     if CvBridge is not None:
-        return np.asarray(CvBridge().imgmsg_to_cv2(msg, desired_encoding='passthrough'))
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
-    packed = np.ascontiguousarray(rows[:, :width * dtype.itemsize])
-    order = '>' if msg.is_bigendian else '<'
-    return packed.view(dtype.newbyteorder(order)).reshape(height, width).astype(dtype)
+        pixels = np.asarray(CvBridge().imgmsg_to_cv2(msg, desired_encoding='passthrough'))
+    else:
+        height, width, step = int(msg.height), int(msg.width), int(msg.step)
+        rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
+        packed = np.ascontiguousarray(rows[:, :width * channels * dtype.itemsize])
+        order = '>' if msg.is_bigendian else '<'
+        shape = (height, width, channels) if channels > 1 else (height, width)
+        pixels = packed.view(dtype.newbyteorder(order)).reshape(shape).astype(dtype)
+    return image_io.to_grey(pixels, msg.encoding)
 
 
 def array_to_image_msg(image, encoding, header=None):

@@ -62,7 +62,8 @@ class NodeConfig:
                                   'transform (its parent with publish_inverse)')
     image_topic: str = setting(
         '/carm/image_raw', 'X-ray image topic (sensor_msgs/Image: '
-        f"{', '.join(image_io.IMAGE_ENCODINGS)})")
+        f"{', '.join(image_io.IMAGE_ENCODINGS)}; colour as its luminance: "
+        f"{', '.join(image_io.COLOUR_ENCODINGS)})")
     camera_info_topic: str = setting('/carm/camera_info',
                                      'CameraInfo topic, paired with the images by stamp')
     use_camera_info: bool = setting(
