@@ -36,6 +36,17 @@ def test_summary_counts_failures_and_rejections():
     assert 'pnp' not in summary['timings_ms']
 
 
+def test_summary_and_table_report_how_honest_the_covariance_is():
+    """The accepted frames' squared Mahalanobis distances: median and share within 12.59."""
+    records = [dict(_record('full', True, 1.0), covariance_m2=m2) for m2 in (2.0, 6.0, 40.0)]
+    records.append(dict(_record('full', False, 50.0, 'no sharp optimum'), covariance_m2=900.0))
+    summary = evaluate.summarize_records(records)
+    assert summary['covariance_m2']['p50'] == 6.0
+    assert summary['covariance_within_95'] == pytest.approx(2 / 3)
+    table = evaluate.format_table({'groups': {'full': summary}, 'all': summary})
+    assert 'median 6.0 (5.35 if calibrated), 67% within' in table
+
+
 def test_summary_of_an_empty_group_is_nan_not_an_error():
     summary = evaluate.summarize_records([])
     assert summary['n'] == 0 and np.isnan(summary['mtre_mm']['p50'])

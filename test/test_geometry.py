@@ -132,3 +132,21 @@ def test_summaries():
     assert np.isclose(summary['gross_failure_rate'], 0.2)
     assert np.isclose(summary['mean'], 6.0)
     assert np.isnan(g.summarize([])['p50'])
+
+
+def test_covariance_consistency_follows_chi_square_for_a_calibrated_covariance():
+    """Errors drawn from the covariance itself: median 5.35 (6 dof); a 4x too small one: 21."""
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(7)
+    truth = g.pose_from_rotvec([0.2, -0.4, 0.1], [10.0, -20.0, 700.0])
+    mixing = rng.normal(size=(6, 6)) * np.array([0.5, 0.5, 2.0, 0.003, 0.003, 0.002])[:, None]
+    covariance = mixing @ mixing.T
+    values, optimistic = [], []
+    for error in rng.multivariate_normal(np.zeros(6), covariance, size=4000):
+        estimate = g.make_pose(Rotation.from_rotvec(error[3:]).as_matrix() @ truth[:3, :3],
+                               truth[:3, 3] + error[:3])
+        values.append(g.covariance_consistency(estimate, truth, covariance))
+        optimistic.append(g.covariance_consistency(estimate, truth, covariance / 4.0))
+    assert np.median(values) == pytest.approx(5.35, rel=0.06)
+    assert np.mean(np.array(values) < 12.59) == pytest.approx(0.95, abs=0.015)
+    assert np.median(optimistic) == pytest.approx(4 * 5.35, rel=0.06)

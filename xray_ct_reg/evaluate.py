@@ -25,6 +25,7 @@ GROUPS = ('full', 'local', 'extreme')
 POLARITIES = ('bright_bone', 'dark_bone')
 DEFAULT_SEED = 20231001
 STAGES = ('preprocess', 'network', 'pnp', 'refine_lm', 'intensity_refine', 'total')
+CHI2_6DOF_95 = 12.59  # 95 % quantile of the chi-square law with 6 degrees of freedom
 
 
 def simulate_test_set(simulator, n_per_group, seed=DEFAULT_SEED, size=128, groups=GROUPS):
@@ -67,6 +68,9 @@ def score_case(case, result, patient):
             mpd_mm=geometry.projected_distance_mm(estimate, truth, patient.targets, intrinsics),
             rotation_deg=geometry.rotation_error_deg(estimate, truth),
             translation_mm=geometry.translation_error_mm(estimate, truth))
+        if result.covariance is not None:
+            record['covariance_m2'] = geometry.covariance_consistency(estimate, truth,
+                                                                      result.covariance)
     return record
 
 
@@ -75,6 +79,7 @@ def summarize_records(records):
     n = len(records)
     accepted = [r for r in records if r['accepted']]
     rejected = [r for r in records if not r['accepted']]
+    consistency = [r['covariance_m2'] for r in accepted if 'covariance_m2' in r]
 
     def failed(record):
         return not np.isfinite(record['mtre_mm']) or geometry.is_gross_failure(record['mtre_mm'])
@@ -95,6 +100,11 @@ def summarize_records(records):
         'mpd_mm': geometry.summarize([r['mpd_mm'] for r in accepted]),
         'rotation_deg': geometry.summarize([r['rotation_deg'] for r in accepted]),
         'translation_mm': geometry.summarize([r['translation_mm'] for r in accepted]),
+        # how honest the published covariance is: median 5.35 and 95 % within 12.59 (the
+        # chi-square law of 6 dof) if calibrated
+        'covariance_m2': geometry.summarize(consistency),
+        'covariance_within_95': (float(np.mean(np.asarray(consistency) < CHI2_6DOF_95))
+                                 if consistency else np.nan),
         'gross_failure_rate_all': (sum(failed(r) for r in records) / n) if n else np.nan,
         'gross_failure_rate_accepted': (sum(failed(r) for r in accepted) / len(accepted)
                                         if accepted else np.nan),
@@ -222,6 +232,11 @@ def format_table(report):
                  'accepted or not; '
                  'rej=fail: rejected frames whose estimate was a gross failure or missing; '
                  'est p50: median mTRE of every estimate, accepted or not.')
+    everything = report['all']
+    lines.append(f"covariance: squared Mahalanobis distance of the accepted errors, median "
+                 f"{_cell(everything['covariance_m2']['p50'], 0, '.1f')} (5.35 if calibrated), "
+                 f"{_cell(everything['covariance_within_95'], 0, '.0%')} within the 95 % bound "
+                 f"{CHI2_6DOF_95}: fewer means the published covariance is optimistic.")
     return '\n'.join(lines)
 
 
