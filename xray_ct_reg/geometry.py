@@ -250,10 +250,15 @@ def projected_distance_mm(pose_estimate, pose_true, targets_ct, intrinsics):
     return float(np.linalg.norm(estimate - truth, axis=1).mean() * intrinsics.pixel_spacing_mm)
 
 
+def rotation_error_rotvec(pose_estimate, pose_true):
+    """Rotation vector (rad) of R_estimate R_true^T: the estimate's rotation error."""
+    relative = pose_estimate[:3, :3] @ pose_true[:3, :3].T
+    return Rotation.from_matrix(relative).as_rotvec()
+
+
 def rotation_error_deg(pose_estimate, pose_true):
     """Angle (degrees) of the rotation between two poses."""
-    relative = pose_estimate[:3, :3] @ pose_true[:3, :3].T
-    return float(np.degrees(np.linalg.norm(Rotation.from_matrix(relative).as_rotvec())))
+    return float(np.degrees(np.linalg.norm(rotation_error_rotvec(pose_estimate, pose_true))))
 
 
 def translation_error_mm(pose_estimate, pose_true):
@@ -268,9 +273,8 @@ def covariance_consistency(pose_estimate, pose_true, covariance):
     R_estimate R_true^T, the convention of ``Result.covariance``. For a calibrated covariance it
     follows a chi-square law with 6 degrees of freedom: median 5.35, 95 % below 12.59.
     """
-    relative = pose_estimate[:3, :3] @ pose_true[:3, :3].T
     error = np.concatenate([pose_estimate[:3, 3] - pose_true[:3, 3],
-                            Rotation.from_matrix(relative).as_rotvec()])
+                            rotation_error_rotvec(pose_estimate, pose_true)])
     return float(error @ np.linalg.pinv(np.asarray(covariance, dtype=float)) @ error)
 
 

@@ -549,7 +549,6 @@ def train(config):
     history = {'epochs': progress['history'], 'K': np.asarray(source.K).tolist()}
     out = Path(config.out)
     stale, samples_seen, run_train_s = 0, 0, 0.0
-    best_metrics = progress.get('best_metrics')
     if progress.get('best_checkpoint') is not None:  # resumed: the best so far, wherever out is
         _write_atomically(out, progress['best_checkpoint'].numpy().tobytes())
     while len(history['epochs']) - progress['first_epoch'] < config.epochs:
@@ -606,12 +605,11 @@ def train(config):
               f"{100 * metrics['fraction_confident']:.0f}% of bone pixels "
               f"({progress['train_s'] / 60:.1f} min)", flush=True)
         if metrics['loss'] < progress['best_loss']:
-            progress['best_loss'], best_metrics, stale = metrics['loss'], metrics, 0
+            progress['best_loss'], progress['best_metrics'], stale = metrics['loss'], metrics, 0
             metadata = _checkpoint_metadata(config, source, metrics, history,
                                             progress['train_s'])
             metadata['history'] = history['epochs']
             scr.save_checkpoint(out, network, metadata)
-            progress['best_metrics'] = metrics
             progress['best_checkpoint'] = torch.frombuffer(bytearray(out.read_bytes()),
                                                            dtype=torch.uint8)
         else:
@@ -624,7 +622,7 @@ def train(config):
         if schedule_done or stale >= config.patience or stop_run:
             break
     wall_s = time.monotonic() - started
-    result = dict(best_metrics or {})
+    result = dict(progress.get('best_metrics') or {})  # absent from states before 93b9184
     result.update({'epochs': len(history['epochs']), 'wall_s': round(wall_s, 1),
                    'samples_per_s': round(samples_seen / max(run_train_s, 1e-9), 2),
                    'device': str(device), 'checkpoint': str(out)})
