@@ -24,7 +24,7 @@ from xray_ct_reg.register import Registrar, RegistrationConfig, cli_config, to_j
 GROUPS = ('full', 'local', 'extreme')
 POLARITIES = ('bright_bone', 'dark_bone')
 DEFAULT_SEED = 20231001
-STAGES = ('preprocess', 'network', 'pnp', 'refine_lm', 'intensity_refine', 'total')
+STAGES = ('preprocess', 'network', 'pnp', 'polish', 'intensity_refine', 'total')
 CHI2_6DOF_95 = 12.59  # 95 % quantile of the chi-square law with 6 degrees of freedom
 
 

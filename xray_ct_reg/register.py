@@ -1,11 +1,11 @@
-"""X-ray -> CT pose: network -> least uncertain points -> RANSAC-PnP -> LM refine -> gates.
+"""X-ray -> CT pose: network -> least uncertain points -> RANSAC-PnP -> polish -> gates.
 
 The scene coordinate network predicts, for every pixel at its own resolution, where the pixel's
 ray enters and leaves the bone (CT mm) with an uncertainty. The points with the smallest
 predicted sigma give 2D-3D correspondences (pixel centre at the network resolution, CT point);
-RANSAC-PnP (OpenCV USAC with MAGSAC++ scoring) finds the pose, Levenberg-Marquardt on the
-inliers polishes it and gives a covariance, and quality gates decide whether the pose may be
-used.
+RANSAC-PnP (OpenCV USAC with MAGSAC++ scoring) finds the pose, a Cauchy-weighted Gauss-Newton
+on all the points polishes it (``pnp.refine_robust``), the inliers give a covariance, and
+quality gates decide whether the pose may be used.
 
 Two modes (``RegistrationConfig.intensity_refine``):
 
@@ -71,6 +71,10 @@ class RegistrationConfig:
     ransac_threshold_px: float = setting(
         20.0, "RANSAC inlier threshold (px at the reference detector; the paper's 20 px)",
         limits=(0.1, 500.0), live=True)
+    robust_scale_px: float = setting(
+        50.0, 'scale of the Cauchy loss of the robust polish after RANSAC (px at the reference '
+        'detector; about 2 px of the 64 px network input): errors well above it barely count',
+        limits=(0.1, 5000.0), live=True)
     ransac_iterations: int = setting(
         3000, "maximum RANSAC iterations (the paper's 1000; with under 20 % inliers, 3000 make "
         "the pose depend less on the sampler's seed)", limits=(1, 1000000), live=True)
@@ -377,15 +381,17 @@ class Registrar:
         pose, inliers = solution
 
         tick = time.perf_counter()
-        pose, covariance = pnp.refine_lm(points[inliers], pixels[inliers], small_intrinsics.K,
-                                         pose)
+        pose = pnp.refine_robust(points, pixels, small_intrinsics.K, pose, pnp.scaled_px(
+            config.robust_scale_px, small_intrinsics.K, config.reference_focal_px))
         errors = pnp.reprojection_errors(points, pixels, small_intrinsics.K, pose)
         inliers = errors <= pnp.scaled_px(config.ransac_threshold_px, small_intrinsics.K,
                                           config.reference_focal_px)
+        covariance = pnp.pose_covariance(points[inliers], pixels[inliers], small_intrinsics.K,
+                                         pose)
         to_input_px = intrinsics.K[0, 0] / small_intrinsics.K[0, 0]
         error_px = (float(np.median(errors[inliers])) * to_input_px if inliers.any()
                     else float('inf'))
-        timings['refine_lm'] = 1e3 * (time.perf_counter() - tick)
+        timings['polish'] = 1e3 * (time.perf_counter() - tick)
         spread = inlier_spread(pixels[inliers], *shown_size)
         fields = dict(pose=pose, inlier_count=int(inliers.sum()),
                       inlier_ratio=float(inliers.mean()), reprojection_error_px=error_px,
