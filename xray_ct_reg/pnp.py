@@ -99,20 +99,15 @@ def reprojection_errors(points_ct, pixels, K, pose):
 def _projection_jacobian(points_ct, K, pose):
     """(2N, 6) Jacobian of the projected pixels w.r.t. (dt, drot), pose = [exp(drot) R, t + dt]."""
     rotated = points_ct @ pose[:3, :3].T
-    camera = rotated + pose[:3, 3]
-    x, y, z = camera.T
-    fx, fy = K[0, 0], K[1, 1]
+    x, y, z = (rotated + pose[:3, 3]).T
+    rx, ry, rz = rotated.T
+    du_dx, dv_dy = K[0, 0] / z, K[1, 1] / z  # d(u, v) / d(camera point), non-zero entries
+    du_dz, dv_dz = -du_dx * x / z, -dv_dy * y / z
     zeros = np.zeros_like(z)
-    # d(u, v) / d(camera point)
-    d_uv = np.stack([np.stack([fx / z, zeros, -fx * x / z**2], axis=1),
-                     np.stack([zeros, fy / z, -fy * y / z**2], axis=1)], axis=1)  # (N, 2, 3)
-    # d(camera point) / d(drot) = -[rotated]_x
-    skew = np.zeros((len(points_ct), 3, 3))
-    skew[:, 0, 1], skew[:, 0, 2] = -rotated[:, 2], rotated[:, 1]
-    skew[:, 1, 0], skew[:, 1, 2] = rotated[:, 2], -rotated[:, 0]
-    skew[:, 2, 0], skew[:, 2, 1] = -rotated[:, 1], rotated[:, 0]
-    jacobian = np.concatenate([d_uv, d_uv @ -skew], axis=2)  # (N, 2, 6)
-    return jacobian.reshape(-1, 6)
+    # d(camera point) / d(drot) = -[rotated]_x, and a^T (-[r]_x) = (r x a)^T
+    d_u = [du_dx, zeros, du_dz, ry * du_dz, rz * du_dx - rx * du_dz, -ry * du_dx]
+    d_v = [zeros, dv_dy, dv_dz, ry * dv_dz - rz * dv_dy, -rx * dv_dz, rx * dv_dy]
+    return np.stack([np.stack(d_u, axis=1), np.stack(d_v, axis=1)], axis=1).reshape(-1, 6)
 
 
 def pose_covariance(points_ct, pixels, K, pose):
