@@ -274,7 +274,7 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
     """Residuals linear in the perturbation: the probes recover J and its flat direction.
 
     J^T J's weakest eigenvector is the flat direction (depth with a tilt), and the covariance
-    is sigma^2 (J^T J)^-1, widest along it.
+    is sigma^2 (J^T J)^-1 (sigma^2 widened for correlated residuals), widest along it.
     """
     rng = np.random.default_rng(0)
     flat = torch.tensor([0.0, 0.0, 0.8, 0.6, 0.0, 0.0], dtype=torch.float64)
@@ -295,7 +295,7 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
                                     np.zeros(3))
     mm_like = np.array([1.0, 1.0, 1.0] + [refine.RADIUS_MM] * 3)  # undo the radians
     in_axes = covariance * np.outer(mm_like, mm_like)
-    noise = (2.0 - 2.0 * 0.9) / (len(jacobian) - 6)
+    noise = refine.CORRELATED_RESIDUALS_FACTOR * (2.0 - 2.0 * 0.9) / (len(jacobian) - 6)
     np.testing.assert_allclose(in_axes, noise * np.linalg.inv((jacobian.T @ jacobian).numpy()),
                                rtol=1e-6)
     widest = np.linalg.eigh(in_axes)[1][:, -1]
