@@ -73,6 +73,19 @@ def test_robust_polish_forgets_the_ransac_seed_and_ignores_outliers():
     assert geometry.mtre(unweighted, truth, targets) > 10.0
 
 
+def test_robust_polish_ignores_points_at_or_behind_the_source():
+    """A predicted point at the source (depth 0) or behind it neither breaks nor pulls the pose."""
+    points, pixels, intrinsics, truth, _ = _scene(12, noise_px=0.5)
+    source_ct = geometry.invert_pose(truth)[:3, 3]
+    behind_ct = source_ct - 50.0 * geometry.invert_pose(truth)[:3, 2]
+    start = geometry.compose(geometry.pose_from_rotvec([0.01, 0.0, 0.0], [1.0, 2.0, 3.0]), truth)
+    polished = refine_robust(np.vstack([points, source_ct, behind_ct]),
+                             np.vstack([pixels, [[1.0, 1.0], [2.0, 2.0]]]), intrinsics.K, start,
+                             scale_px=2.0)
+    assert np.all(np.isfinite(polished))
+    assert geometry.mtre(polished, truth, points[:50]) < 0.1
+
+
 def test_pnp_exact_from_perfect_correspondences():
     points, pixels, intrinsics, truth, _ = _scene(1)
     pose, _, inliers = _register_synthetic(points, pixels, intrinsics)
