@@ -4,8 +4,9 @@
 
 * ``usac_magsac`` (default): OpenCV USAC with MAGSAC++ scoring; robust to the large outlier
   fractions of a scene coordinate network. No local optimisation inside USAC: the
-  robust polish that follows (``refine_robust``) does that job (with sigma-consensus, medians over
-  60 own views per group and 5 seeds were within 0.8 mm of these, at 1.4x the time);
+  polish that follows (``refine_robust``) does that job (with sigma-consensus, medians over 60
+  own views per group and 5 seeds were within 0.8 mm of these, at 1.4x the time, measured
+  before the polish was robust);
 * ``ransac_sqpnp``: classic RANSAC with the SQPnP minimal solver;
 * ``ransac_epnp``: classic RANSAC with EPnP (the paper's ``cv2.solvePnPRansac`` default).
 
@@ -18,7 +19,9 @@ import numpy as np
 
 from xray_ct_reg import geometry
 
-ROBUST_ITERATIONS = 20  # most Gauss-Newton steps of refine_robust (converges in under 10)
+# Gauss-Newton steps of refine_robust. Reweighting converges linearly: on 30 own full views the
+# pose after 8 steps was within 1.2 mm of its limit, after 20 within 0.01 mm (14 ms, 4000 points).
+ROBUST_ITERATIONS = 20
 
 
 def scaled_px(reference_px, K, reference_focal_px):
