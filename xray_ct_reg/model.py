@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from pathlib import Path
 import subprocess
 import zipfile
@@ -31,6 +30,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import xray_ct_reg
+from xray_ct_reg import atomic_file
 
 CHECKPOINT_FORMAT = 'xray_ct_reg.scr/1'
 OUTPUT_CHANNELS = 8
@@ -354,7 +354,7 @@ def code_version():
 
 
 def save_checkpoint(path, model, metadata):
-    """Write ``model`` and ``metadata`` to ``path`` atomically (temporary file + os.replace).
+    """Write ``model`` and ``metadata`` to ``path`` atomically (``atomic_file``).
 
     The file is a torch.save of ``{'format', 'state_dict', 'weights_sha256', 'metadata'}``:
     floating-point parameters in float16, buffers in float32, and ``metadata`` (a JSON-able
@@ -377,13 +377,8 @@ def save_checkpoint(path, model, metadata):
     payload = {'format': CHECKPOINT_FORMAT, 'state_dict': state_dict,
                'weights_sha256': _weights_digest(state_dict), 'metadata': metadata}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
+    with atomic_file.replaced_on_success(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

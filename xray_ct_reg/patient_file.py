@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xray_ct_reg import atomic_file
+
 PATIENT_FILE_FORMAT = 'xray_ct_reg.patient/1'
 MATERIAL_CHANNELS = ('water', 'bone_mineral', 'iodine')
 TABLE_MATERIALS = MATERIAL_CHANNELS + ('aluminium', 'copper', 'titanium', 'steel',
@@ -148,11 +150,8 @@ def write_patient_file(patient, path):
     for material in TABLE_MATERIALS:
         arrays[f'mu_{material}'] = xray_physics.mu_per_mm(material, energies)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + '.partial')
-    with open(partial, 'wb') as handle:
+    with atomic_file.replaced_on_success(path) as temporary, open(temporary, 'wb') as handle:
         np.savez_compressed(handle, **arrays)
-    partial.replace(path)
     return path.stat().st_size
 
 

@@ -16,6 +16,8 @@ ROS-free: the node turns :func:`specs` into ``declare_parameter`` calls.
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
+from xray_ct_reg import atomic_file
+
 NODE_NAME = 'xray_ct_reg_node'
 
 
@@ -224,9 +226,7 @@ def run_params(args):
         return 1
     text = render_params_yaml(all_specs, values, PARAMS_FILE_HEADER)
     if args.write:
-        temporary = Path(args.write).with_suffix('.tmp')
-        temporary.write_text(text)
-        temporary.replace(args.write)
+        atomic_file.write_text(args.write, text)
     else:
         print(text, end='')
     return 0

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-from xray_ct_reg import geometry
+from xray_ct_reg import atomic_file, geometry
 from xray_ct_reg import model as scr
 from xray_ct_reg.dataset import read_manifest
 
@@ -459,14 +459,6 @@ def state_path(checkpoint_path):
     return checkpoint_path.with_name(checkpoint_path.stem + STATE_SUFFIX)
 
 
-def _write_atomically(path, data):
-    """Write ``data`` (bytes) to ``path`` through a temporary file beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + '.partial')
-    temporary.write_bytes(data)
-    temporary.replace(path)
-
-
 def _save_state(path, network, optimizer, progress, source, rng):
     """Write the full-precision weights, optimiser, schedule and random states atomically.
 
@@ -479,7 +471,7 @@ def _save_state(path, network, optimizer, progress, source, rng):
                'source': source.state(), 'rng': rng.bit_generator.state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    _write_atomically(path, buffer.getvalue())
+    atomic_file.write_bytes(path, buffer.getvalue())
 
 
 def _start(config, source, device):
@@ -550,7 +542,7 @@ def train(config):
     out = Path(config.out)
     stale, samples_seen, run_train_s = 0, 0, 0.0
     if progress.get('best_checkpoint') is not None:  # resumed: the best so far, wherever out is
-        _write_atomically(out, progress['best_checkpoint'].numpy().tobytes())
+        atomic_file.write_bytes(out, progress['best_checkpoint'].numpy().tobytes())
     while len(history['epochs']) - progress['first_epoch'] < config.epochs:
         epoch = len(history['epochs'])
         network.train()
@@ -616,7 +608,8 @@ def train(config):
             stale += 1
         _save_state(state_path(out), network, optimizer, progress, source, rng)
         _write_curves(out.with_name(CURVES_NAME), history)
-        out.with_name(LOG_NAME).write_text(json.dumps(history, indent=1, default=float))
+        atomic_file.write_text(out.with_name(LOG_NAME),
+                               json.dumps(history, indent=1, default=float))
         stop_run = (config.stop_after_minutes is not None
                     and time.monotonic() - started >= config.stop_after_minutes * 60.0)
         if schedule_done or stale >= config.patience or stop_run:
