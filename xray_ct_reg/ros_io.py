@@ -233,34 +233,46 @@ def array_to_image_msg(image, encoding, header=None):
 
 # ----------------------------------------------------------------------------- camera info
 def camera_info_to_intrinsics(msg, sdd_mm):
-    """Intrinsics from a sensor_msgs/CameraInfo; ``sdd_mm`` turns K into detector mm.
+    """Intrinsics of the image a sensor_msgs/CameraInfo describes; ``sdd_mm`` turns K into mm.
 
-    The image must be the pinhole image K describes. Raises ValueError for a zero, NaN or
-    otherwise invalid K or image size, and for what would make K wrong for it: non-zero
-    distortion coefficients D (an image intensifier's pincushion: rectify first, e.g. with
-    image_proc, and send the rectified image with a CameraInfo of D = 0), binning or a region
-    of interest.
+    As the CameraInfo message defines them, K, ``width`` and ``height`` are the full detector's
+    and the image is its region of interest ``roi`` (full-resolution pixels; all zero: the
+    whole detector), binned by ``binning_x`` x ``binning_y`` (0 counts as 1): a collimated crop
+    or a binned readout registers with the geometry it really has. The binning is pixel-centre
+    exact (a binned pixel's centre is the mean of its pixels' centres), which puts the principal
+    point (b - 1) / (2 b) px from image_geometry's cx / b.
+
+    Raises ValueError for a zero, NaN or otherwise invalid K or size, a ROI outside the
+    detector or not divisible by the binning, and non-zero distortion coefficients D (an image
+    intensifier's pincushion: rectify first, e.g. with image_proc, and send the rectified image
+    with a CameraInfo of D = 0).
     """
     k = np.asarray(msg.k, dtype=float)
     if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
         raise ValueError(f'invalid CameraInfo K {k.tolist()} (zero, NaN or non-positive focal)')
-    if int(msg.width) <= 0 or int(msg.height) <= 0:
+    width, height = int(msg.width), int(msg.height)
+    if width <= 0 or height <= 0:
         raise ValueError(f'invalid CameraInfo size {msg.width}x{msg.height}')
     distortion = np.asarray(msg.d, dtype=float)
     if distortion.size and not np.all(distortion == 0.0):
         raise ValueError(f'CameraInfo has distortion ({msg.distortion_model} D = '
                          f'{distortion.tolist()}): registration needs an undistorted image '
                          '(rectify it, and send a CameraInfo with D = 0)')
-    if max(int(msg.binning_x), 1) != 1 or max(int(msg.binning_y), 1) != 1:
-        raise ValueError(f'CameraInfo binning {msg.binning_x}x{msg.binning_y} is not '
-                         'supported: send K and size of the binned image, binning 0 or 1')
+    detector = geometry.Intrinsics.from_camera_info(k, width, height, sdd_mm)
     roi = msg.roi
-    if (roi.x_offset, roi.y_offset) != (0, 0) or (
-            (roi.width, roi.height) not in ((0, 0), (msg.width, msg.height))):
-        raise ValueError(f'CameraInfo region of interest {roi.width}x{roi.height} at '
-                         f'({roi.x_offset}, {roi.y_offset}) is not supported: send K and size '
-                         'of the cropped image, with no ROI')
-    return geometry.Intrinsics.from_camera_info(k, int(msg.width), int(msg.height), sdd_mm)
+    x0, y0, roi_width, roi_height = (int(roi.x_offset), int(roi.y_offset), int(roi.width),
+                                     int(roi.height))
+    if (x0, y0, roi_width, roi_height) == (0, 0, 0, 0):
+        roi_width, roi_height = width, height
+    if roi_width <= 0 or roi_height <= 0 or x0 + roi_width > width or y0 + roi_height > height:
+        raise ValueError(f'CameraInfo region of interest {roi_width}x{roi_height} at ({x0}, '
+                         f'{y0}) does not lie within the {width}x{height} detector')
+    binning_x, binning_y = max(int(msg.binning_x), 1), max(int(msg.binning_y), 1)
+    if roi_width % binning_x or roi_height % binning_y:
+        raise ValueError(f'CameraInfo region of interest {roi_width}x{roi_height} is not '
+                         f'divisible by its binning {binning_x}x{binning_y}')
+    return detector.crop(x0, y0, roi_width, roi_height).resize(roi_width // binning_x,
+                                                               roi_height // binning_y)
 
 
 def intrinsics_to_camera_info(intrinsics, header=None):
