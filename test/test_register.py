@@ -550,6 +550,20 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
     assert result['accepted'] and result['refinement']['sharpness'] >= 0.02
     assert geometry.mtre(np.array(result['pose']), truth, patient.targets) < REFINED_BOUND_MM
     assert cv2.imread(str(overlay)).shape[:2] == image.shape
+    # a centred 128 x 112 crop of the shot as DICOM (SimpleITK/GDCM): no K file, and not the
+    # square default detector, so only the file's tags can give its geometry
+    import SimpleITK as sitk
+    dicom = sitk.GetImageFromArray(np.round(image[8:120] * 65535).astype(np.uint16))
+    dicom.SetSpacing([intrinsics.pixel_spacing_mm] * 2)  # an XA's ImagerPixelSpacing
+    dicom.SetMetaData('0008|0060', 'XA')
+    dicom.SetMetaData('0018|1110', f'{intrinsics.sdd_mm:g}')
+    sitk.WriteImage(dicom, str(tmp_path / 'crop.dcm'))
+    from_dicom = subprocess.run(command[:4] + [str(tmp_path / 'crop.dcm')] + command[5:7]
+                                + ['--ct', 'example', '--refine', '--json'],
+                                capture_output=True, text=True, timeout=300)
+    assert from_dicom.returncode == 0, from_dicom.stdout + from_dicom.stderr
+    assert geometry.mtre(np.array(json.loads(from_dicom.stdout)['pose']), truth,
+                         patient.targets) < REFINED_BOUND_MM
     missing = subprocess.run(command[:4] + [str(tmp_path / 'none.png')] + command[5:],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and 'not found' in missing.stderr

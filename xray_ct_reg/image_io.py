@@ -8,6 +8,7 @@ project reads and writes: ``ros_io`` converts messages with it, ``sim_carm`` and
 with it, and the node's parameter description names it. ``COLOUR_ENCODINGS`` are read too, as
 their luminance (a frame grabber's copy of the C-arm's monitor arrives in colour).
 """
+from dataclasses import dataclass
 import json
 from pathlib import Path
 
@@ -82,13 +83,97 @@ def to_encoding(image01, encoding):
     return scaled.astype(dtype)
 
 
-def read_image(path):
-    """Read an X-ray from PNG/TIFF/JPEG (mono8/mono16 kept), .npy, or NIfTI/MHA/NRRD (2D)."""
+# DICOM tags (group|element, as SimpleITK names them) of a projection X-ray's geometry
+DICOM_SDD_TAG = '0018|1110'            # DistanceSourceToDetector (mm)
+DICOM_IMAGER_SPACING_TAG = '0018|1164'  # ImagerPixelSpacing: row, column spacing (mm) at the
+                                        # detector (PixelSpacing may be at the patient)
+
+
+@dataclass(frozen=True)
+class DetectorTags:
+    """Detector geometry an image file states (None: not stated; only DICOM states it)."""
+
+    sdd_mm: float | None = None                             # source-to-detector distance
+    pixel_spacing_mm: tuple[float, float] | None = None     # (horizontal, vertical) at detector
+
+
+def is_dicom(path):
+    """True for a DICOM file: a .dcm/.dicom name or the 'DICM' marker after its preamble."""
+    path = Path(path)
+    if path.suffix.lower() in ('.dcm', '.dicom'):
+        return True
+    with open(path, 'rb') as handle:
+        return handle.read(132)[128:] == b'DICM'
+
+
+def _dicom_reader(path):
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO('GDCMImageIO')
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f'could not read {path} as DICOM: {str(error).splitlines()[-1]}') from None
+    return reader
+
+
+def _dicom_numbers(reader, tag, path):
+    """The backslash-separated numbers of a DICOM tag (None when absent); ValueError if bad."""
+    if not reader.HasMetaDataKey(tag):
+        return None
+    text = reader.GetMetaData(tag).strip()
+    try:
+        numbers = [float(part) for part in text.split('\\')]
+    except ValueError:
+        raise ValueError(f'{path}: DICOM tag ({tag.replace("|", ",")}) is {text!r}, not numbers'
+                         ) from None
+    if not all(np.isfinite(numbers)) or min(numbers) <= 0:
+        raise ValueError(f'{path}: DICOM tag ({tag.replace("|", ",")}) is {text!r}, not positive')
+    return numbers
+
+
+def read_detector_tags(path):
+    """The source-to-detector distance and detector pixel spacing a file states (DICOM only)."""
+    if not is_dicom(path):
+        return DetectorTags()
+    reader = _dicom_reader(path)
+    sdd = _dicom_numbers(reader, DICOM_SDD_TAG, path)
+    spacing = _dicom_numbers(reader, DICOM_IMAGER_SPACING_TAG, path)
+    if spacing is not None and len(spacing) != 2:
+        raise ValueError(f'{path}: ImagerPixelSpacing has {len(spacing)} values, not 2')
+    return DetectorTags(sdd_mm=None if sdd is None else sdd[0],
+                        pixel_spacing_mm=None if spacing is None else (spacing[1], spacing[0]))
+
+
+def _read_dicom(path, frame):
+    """One frame of a DICOM X-ray, as MONOCHROME2 (GDCM inverts a MONOCHROME1 image)."""
+    import SimpleITK as sitk
+    reader = _dicom_reader(path)
+    pixels = sitk.GetArrayFromImage(reader.Execute())
+    frames = 1 if pixels.ndim == 2 else pixels.shape[0]
+    if frame is None and frames > 1:
+        raise ValueError(f'{path} holds {frames} frames: choose one (--frame 0 to {frames - 1})')
+    index = frame or 0
+    if not 0 <= index < frames:
+        raise ValueError(f'{path} holds {frames} frame(s): no frame {index}')
+    return pixels.reshape(frames, *pixels.shape[-2:])[index]
+
+
+def read_image(path, frame=None):
+    """Read an X-ray: PNG/TIFF/JPEG (mono8/mono16 kept), .npy, NIfTI/MHA/NRRD (2D) or DICOM.
+
+    ``frame`` picks one frame of a multi-frame DICOM (a fluoroscopy run); one is required there.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'image file not found: {path}')
+    if frame is not None and not is_dicom(path):
+        raise ValueError(f'{path}: a frame can be chosen in a multi-frame DICOM file only')
     name = path.name.lower()
-    if name.endswith('.npy'):
+    if is_dicom(path):
+        image = _read_dicom(path, frame)
+    elif name.endswith('.npy'):
         image = np.load(path, allow_pickle=False)
     elif name.endswith(('.nii', '.nii.gz', '.mha', '.mhd', '.nrrd')):
         import SimpleITK as sitk

@@ -439,21 +439,31 @@ def refine_and_judge(projectors, image, intrinsics, start_pose, bone_centroid, c
 
 
 # ----------------------------------------------------------------------------- CLI
-def cli_intrinsics(args, image):
-    """The intrinsics a CLI run uses: --intrinsics, --pixel-spacing, or Cios Fusion resized.
+def cli_intrinsics(args, image, tags=None):
+    """The intrinsics a CLI run uses: --intrinsics; else the detector's SDD and pixel spacing.
 
-    The last only for a square image (the whole square detector, resized); a non-square one
-    needs one of the first two (ValueError).
+    Each comes from its flag (--sdd, --pixel-spacing), else from the file's DICOM tags
+    (``tags``, an ``image_io.DetectorTags``), else the Cios Fusion's: its whole square detector
+    resized to the image, so a non-square image without a pixel spacing is refused
+    (ValueError). The principal point is the image centre.
     """
     height, width = image.shape[:2]
     if args.intrinsics:
         return image_io.read_intrinsics(args.intrinsics, width, height)
+    tags = tags or image_io.DetectorTags()
+    sdd_mm = next(value for value in (args.sdd, tags.sdd_mm, geometry.CIOS_FUSION_SDD_MM)
+                  if value is not None)
     if args.pixel_spacing is not None:
-        return geometry.Intrinsics.from_carm(args.sdd, args.pixel_spacing, width, height)
+        return geometry.Intrinsics.from_carm(sdd_mm, args.pixel_spacing, width, height)
+    if tags.pixel_spacing_mm is not None:
+        spacing_x, spacing_y = tags.pixel_spacing_mm
+        K = [[sdd_mm / spacing_x, 0.0, (width - 1) / 2.0],
+             [0.0, sdd_mm / spacing_y, (height - 1) / 2.0], [0.0, 0.0, 1.0]]
+        return geometry.Intrinsics(np.array(K), width, height, sdd_mm)
     if width != height:
         raise ValueError(f'a {width}x{height} image is not the square default detector: give '
                          '--intrinsics or --pixel-spacing')
-    return geometry.Intrinsics.from_carm(args.sdd).resize(width, height)
+    return geometry.Intrinsics.from_carm(sdd_mm).resize(width, height)
 
 
 def cli_config(args):
@@ -473,14 +483,20 @@ def cli_config(args):
 
 def add_register_arguments(parser):
     """Arguments of ``xray-ct-reg register``."""
-    parser.add_argument('image', help='X-ray image: PNG/TIFF (mono8/16), .npy, .nii(.gz), .mha')
+    parser.add_argument('image', help='X-ray image: PNG/TIFF (mono8/16), .npy, .nii(.gz), .mha, '
+                                      'DICOM')
+    parser.add_argument('--frame', type=int, default=None,
+                        help='the frame of a multi-frame DICOM (a fluoroscopy run) to register')
     parser.add_argument('--model', required=True, help='checkpoint (.pt) trained for the CT')
     parser.add_argument('--intrinsics', help='JSON with K (3x3), width, height, sdd_mm')
-    parser.add_argument('--sdd', type=float, default=geometry.CIOS_FUSION_SDD_MM,
-                        help='source-to-detector distance (mm) when no --intrinsics')
+    parser.add_argument('--sdd', type=float, default=None,
+                        help='source-to-detector distance (mm) when no --intrinsics; default: '
+                             "a DICOM file's DistanceSourceToDetector, else "
+                             f'{geometry.CIOS_FUSION_SDD_MM:g} (Cios Fusion)')
     parser.add_argument('--pixel-spacing', type=float, default=None,
-                        help='detector pixel spacing (mm) of the image; default: the Cios Fusion '
-                             'detector (1536 px x 0.194 mm) resampled to the image size')
+                        help="detector pixel spacing (mm) of the image; default: a DICOM file's "
+                             'ImagerPixelSpacing, else the Cios Fusion detector (1536 px x '
+                             '0.194 mm) resampled to the image size')
     parser.add_argument('--ct', help="the model's CT (file, DICOM folder or 'example'); needed "
                                      'for --overlay and --refine')
     parser.add_argument('--overlay', help='write the overlay (bone outline on the X-ray) here')
@@ -531,8 +547,8 @@ def run_register(args):
                              'trained for)')
         if args.overlay:
             _check_writable_image(args.overlay)
-        image = image_io.read_image(args.image)
-        intrinsics = cli_intrinsics(args, image)
+        image = image_io.read_image(args.image, args.frame)
+        intrinsics = cli_intrinsics(args, image, image_io.read_detector_tags(args.image))
         patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
         result = registrar.register(image, intrinsics)
