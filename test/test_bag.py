@@ -5,8 +5,9 @@ import json
 from conftest import REPO
 import numpy as np
 import pytest
+from std_msgs.msg import Header
 
-from xray_ct_reg import bag, geometry
+from xray_ct_reg import bag, geometry, ros_io
 
 MODEL = REPO / 'models' / 'chest_example.pt'
 
@@ -129,3 +130,29 @@ def test_replay_through_the_node_judges_every_frame_and_shuts_down_cleanly(tmp_p
                                      strict=True):
         assert through_node['stamp_ns'] == offline['stamp_ns']
         assert through_node['reason'] == offline['reason']
+
+
+def test_compressed_frames_in_a_bag_read_as_the_raw_ones(tmp_path):
+    """image_transport's compressed topic (PNG) gives the same 16-bit frames as the raw one."""
+    recorded = tmp_path / 'raw'
+    assert bag.run_bag_record_sim(_parse(bag.add_bag_record_sim_arguments,
+                                         ['--out', str(recorded), '-n', '2', '--size', '64'])) == 0
+    raw_frames = bag.read_frames(recorded)
+    compressed = tmp_path / 'compressed'
+    with bag.BagWriter(compressed) as writer:
+        for frame in raw_frames:
+            header = Header(frame_id=frame['frame_id'])
+            header.stamp.sec, header.stamp.nanosec = divmod(frame['stamp_ns'], 1_000_000_000)
+            writer.write(bag.COMPRESSED_IMAGE_TOPIC,
+                         ros_io.array_to_compressed_image_msg(frame['image'], header),
+                         frame['stamp_ns'])
+            info = frame['camera_info']
+            writer.write(bag.CAMERA_INFO_TOPIC, ros_io.intrinsics_to_camera_info(
+                geometry.Intrinsics.from_camera_info(info.k, info.width, info.height), header),
+                frame['stamp_ns'])
+    frames = bag.read_frames(compressed)
+    assert [f['stamp_ns'] for f in frames] == [f['stamp_ns'] for f in raw_frames]
+    for frame, raw in zip(frames, raw_frames, strict=True):
+        assert frame['image'].dtype == np.uint16 and not frame['error']
+        np.testing.assert_array_equal(frame['image'], raw['image'])
+        assert list(frame['camera_info'].k) == list(raw['camera_info'].k)

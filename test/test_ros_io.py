@@ -280,3 +280,29 @@ def test_a_binned_roi_readout_looks_like_a_drr_with_its_camera_info_geometry():
                                                rendered.astype(np.float64))
     assert abs(shift_x) < 0.1 and abs(shift_y) < 0.1, (shift_x, shift_y)
     assert np.corrcoef(readout.ravel(), rendered.ravel())[0, 1] > 0.99
+
+
+def test_compressed_images_decode_as_image_transport_sends_them():
+    """PNG keeps 16 bit exactly; JPEG colour becomes its luminance; bad data is named."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+    image = SAMPLES['mono16']
+    msg = ros_io.array_to_compressed_image_msg(image, Header(frame_id='carm'))
+    assert msg.format == 'mono16; png compressed ' and msg.header.frame_id == 'carm'
+    decoded = ros_io.compressed_image_to_array(msg)
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, image)
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 2] = 200  # red in OpenCV's BGR
+    jpeg = CompressedImage(format='bgr8; jpeg compressed bgr8')
+    jpeg.data = array.array('B', cv2.imencode('.jpg', colour)[1].tobytes())
+    grey = ros_io.compressed_image_to_array(jpeg)
+    assert grey.shape == (8, 8) and abs(int(grey.mean()) - round(0.299 * 200)) <= 2
+    for data, fmt, match in ((b'', 'png', 'empty'), (b'not a png', 'png', 'could not decode'),
+                             (b'\0' * 12, '16UC1; compressedDepth png', 'compressedDepth')):
+        bad = CompressedImage(format=fmt)
+        bad.data = array.array('B', data)
+        with pytest.raises(ValueError, match=match):
+            ros_io.compressed_image_to_array(bad)
+    with pytest.raises(ValueError, match='PNG needs'):
+        ros_io.array_to_compressed_image_msg(np.zeros((4, 4), np.float32))

@@ -20,11 +20,15 @@ import numpy as np
 from xray_ct_reg import geometry, image_io, ros_io, settings
 
 IMAGE_TOPIC = '/carm/image_raw'
+COMPRESSED_IMAGE_TOPIC = IMAGE_TOPIC + ros_io.IMAGE_TRANSPORTS['compressed'][1]
 CAMERA_INFO_TOPIC = '/carm/camera_info'
 TRUE_POSE_TOPIC = '/carm/true_pose'
 POSE_TOPIC = '/xray_ct_reg_node/pose'
+# image topic -> its image_transport (``ros_io.IMAGE_TRANSPORTS``)
+IMAGE_TOPICS = {IMAGE_TOPIC: 'raw', COMPRESSED_IMAGE_TOPIC: 'compressed'}
 TYPES = {
     IMAGE_TOPIC: 'sensor_msgs/msg/Image',
+    COMPRESSED_IMAGE_TOPIC: 'sensor_msgs/msg/CompressedImage',
     CAMERA_INFO_TOPIC: 'sensor_msgs/msg/CameraInfo',
     TRUE_POSE_TOPIC: 'geometry_msgs/msg/PoseStamped',
     POSE_TOPIC: 'geometry_msgs/msg/PoseWithCovarianceStamped',
@@ -84,7 +88,7 @@ class BagWriter:
 
 
 def read_frames(path):
-    """Read a bag: list of dicts, one per Image message, by stamp.
+    """Read a bag: list of dicts, one per Image (raw or compressed) message, by stamp.
 
     Keys: ``stamp_ns``, ``frame_id``, ``image`` (the numpy image; None with ``error`` set when
     the Image message is bad), ``camera_info`` (the CameraInfo message with the same stamp, or
@@ -98,12 +102,12 @@ def read_frames(path):
     try:
         with Reader(Path(path)) as reader:
             for connection, _, raw in reader.messages():
-                if connection.topic not in (IMAGE_TOPIC, CAMERA_INFO_TOPIC, TRUE_POSE_TOPIC):
+                if connection.topic not in (*IMAGE_TOPICS, CAMERA_INFO_TOPIC, TRUE_POSE_TOPIC):
                     continue
                 msg = typestore.deserialize_cdr(raw, connection.msgtype)
                 stamp = ros_io.stamp_to_ns(msg.header.stamp)
-                if connection.topic == IMAGE_TOPIC:
-                    images.append(msg)
+                if connection.topic in IMAGE_TOPICS:
+                    images.append((IMAGE_TOPICS[connection.topic], msg))
                 elif connection.topic == CAMERA_INFO_TOPIC:
                     infos[stamp] = msg
                 else:
@@ -111,12 +115,12 @@ def read_frames(path):
     except ReaderError as error:
         raise ValueError(f'{path} is not a readable rosbag2: {error}') from error
     frames = []
-    for msg in images:
+    for transport, msg in images:
         stamp = ros_io.stamp_to_ns(msg.header.stamp)
         frame = {'stamp_ns': stamp, 'frame_id': msg.header.frame_id, 'image': None,
                  'camera_info': infos.get(stamp), 'true_pose': truths.get(stamp), 'error': ''}
         try:
-            frame['image'] = ros_io.image_to_array(msg)
+            frame['image'] = ros_io.IMAGE_TRANSPORTS[transport][2](msg)
         except ValueError as error:
             frame['error'] = f'bad image: {error}'
         frames.append(frame)

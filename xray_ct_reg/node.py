@@ -66,6 +66,7 @@ class RegistrationNode(LifecycleNode):
         self._subscriptions_list = []
         self._image_topic_name = ''    # the image topic as remapped (kept as text: diagnostics
                                        # may run while a stop destroys the subscription)
+        self._to_array = ros_io.image_to_array  # the image_transport's message -> 2D array
         self._pose_pub = self._overlay_pub = self._tf = None
         self._worker = None
         self.result_callback = None
@@ -225,8 +226,11 @@ class RegistrationNode(LifecycleNode):
         self._tf = ros_io.make_tf_publisher(self)
         events = SubscriptionEventCallbacks(incompatible_qos=lambda info: (
             self._core.note_incompatible_publisher(info.last_policy_kind.name)))
+        message_type, suffix, self._to_array = ros_io.IMAGE_TRANSPORTS[
+            self._config.image_transport]
         self._subscriptions_list = [self.create_subscription(
-            Image, self._config.image_topic, self._on_image, qos, event_callbacks=events)]
+            message_type, self._config.image_topic + suffix, self._on_image, qos,
+            event_callbacks=events)]
         self._image_topic_name = self._subscriptions_list[0].topic_name
         if self._config.use_camera_info:
             self._subscriptions_list.append(self.create_subscription(
@@ -300,7 +304,7 @@ class RegistrationNode(LifecycleNode):
     def _process(self, frame):
         """Register one frame and publish the outputs when the result is accepted."""
         msg = frame.payload
-        image = ros_io.image_to_array(msg)
+        image = self._to_array(msg)
         ros_io.check_frame_id(msg.header.frame_id, 'image header frame_id (the TF parent)')
         if msg.header.frame_id == self._config.ct_frame:
             raise ValueError(f'image frame_id equals ct_frame {self._config.ct_frame!r}: a '

@@ -4,7 +4,8 @@ Millimetres become metres here and nowhere else: TF and geometry_msgs poses carr
 (REP 103), the core works in millimetres. Image conversion uses ``cv_bridge`` when it imports
 (a real ROS install) and otherwise a small numpy conversion for the encodings a C-arm uses
 (``image_io.IMAGE_ENCODINGS``; colour frames become their luminance), honouring ``step`` (row
-padding) and ``is_bigendian``. TF goes
+padding) and ``is_bigendian``; image_transport's compressed transport (PNG, JPEG) is decoded
+with OpenCV (``IMAGE_TRANSPORTS``). TF goes
 out through ``tf2_ros.TransformBroadcaster`` when it imports, else through a
 ``tf2_msgs/TFMessage`` publisher on ``/tf`` with tf2_ros's QoS. ``select_transport_profile``
 points Fast DDS at the package's profile for full-size frames.
@@ -20,7 +21,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from xray_ct_reg import geometry, image_io
 
@@ -201,6 +202,53 @@ def image_to_array(msg):
         shape = (height, width, channels) if channels > 1 else (height, width)
         pixels = packed.view(dtype.newbyteorder(order)).reshape(shape).astype(dtype)
     return image_io.to_grey(pixels, msg.encoding)
+
+
+def compressed_image_to_array(msg):
+    """Decode a sensor_msgs/CompressedImage (PNG or JPEG) to a 2D uint8 or uint16 array.
+
+    As image_transport's compressed plugin publishes it (``format`` e.g. 'mono16; png
+    compressed ', or just 'png'); a colour frame becomes its luminance. Raises ValueError for
+    empty or undecodable data and for the compressedDepth format (a depth camera's).
+    """
+    import cv2
+    if 'compresseddepth' in msg.format.replace(' ', '').lower():
+        raise ValueError(f'compressed image format {msg.format!r} (compressedDepth) is not '
+                         'supported: publish with the compressed transport (PNG)')
+    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError('empty compressed image')
+    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ValueError(f'could not decode the compressed image (format {msg.format!r}, '
+                         f'{data.size} bytes) as PNG or JPEG')
+    if pixels.ndim == 3:  # OpenCV decodes colour as BGR(A)
+        pixels = image_io.to_grey(pixels, 'bgra8' if pixels.shape[2] == 4 else 'bgr8')
+    return pixels
+
+
+def array_to_compressed_image_msg(image, header=None):
+    """A 2D uint8 or uint16 array as a PNG sensor_msgs/CompressedImage (lossless)."""
+    import cv2
+    image = np.asarray(image)
+    encoding = image_io.encoding_for(image)
+    if image.ndim != 2 or encoding not in ('mono8', 'mono16'):
+        raise ValueError(f'PNG needs a 2D uint8 or uint16 image, got {image.dtype} '
+                         f'{image.shape}')
+    ok, png = cv2.imencode('.png', image)
+    if not ok:
+        raise ValueError('OpenCV could not encode the image as PNG')
+    msg = CompressedImage()
+    if header is not None:
+        msg.header = header
+    msg.format = f'{encoding}; png compressed '
+    msg.data = array.array('B', png.tobytes())
+    return msg
+
+
+# image_transport transport name -> (message type, topic suffix, converter to a 2D array)
+IMAGE_TRANSPORTS = {'raw': (Image, '', image_to_array),
+                    'compressed': (CompressedImage, '/compressed', compressed_image_to_array)}
 
 
 def array_to_image_msg(image, encoding, header=None):

@@ -38,6 +38,8 @@ STATS_WINDOW = 200            # frames kept for latency percentiles
 RATE_WINDOW_S = 10.0          # seconds over which rates are computed
 TF_CACHE_NS = 10 * 10**9      # tf2's default cache: older than the newest by more is dropped
 QOS_PROFILES = ('sensor_data', 'reliable')
+# image_transport transports the node subscribes with (``ros_io.IMAGE_TRANSPORTS``)
+IMAGE_TRANSPORTS = ('raw', 'compressed')
 
 
 @dataclass
@@ -61,9 +63,14 @@ class NodeConfig:
     ct_frame: str = setting('ct', 'TF frame id of the CT: child frame of the published '
                                   'transform (its parent with publish_inverse)')
     image_topic: str = setting(
-        '/carm/image_raw', 'X-ray image topic (sensor_msgs/Image: '
+        '/carm/image_raw', 'X-ray image base topic (sensor_msgs/Image: '
         f"{', '.join(image_io.IMAGE_ENCODINGS)}; colour as its luminance: "
         f"{', '.join(image_io.COLOUR_ENCODINGS)})")
+    image_transport: str = setting(
+        'raw', "image_transport's transport of the images: raw (sensor_msgs/Image on "
+        'image_topic) or compressed (sensor_msgs/CompressedImage on image_topic/compressed, '
+        'PNG or JPEG as the compressed plugin publishes it; PNG keeps 16 bit)',
+        choices=IMAGE_TRANSPORTS)
     camera_info_topic: str = setting('/carm/camera_info',
                                      'CameraInfo topic, paired with the images by stamp')
     use_camera_info: bool = setting(
