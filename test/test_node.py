@@ -389,9 +389,12 @@ def _bad_inputs(frame):
 
 
 def test_bad_input_is_reported_and_survived(harness, frames, untrained_model):
+    """Bad frames, and a misspelt parameter (ROS would ignore it silently), are named."""
     model = MODEL if MODEL.is_file() else untrained_model
-    node = harness(model)
+    node = harness(model, '-p', 'min_nc:=0.99')
     node.wait_ready()
+    level, message, _ = node.diag()
+    assert level >= 1 and 'not parameters of this node, ignored: min_nc' in message, message
     frame = frames[0]
     for name, kwargs, reason in _bad_inputs(frame):
         camera_info = kwargs.pop('camera_info', None)

@@ -306,3 +306,24 @@ def test_compressed_images_decode_as_image_transport_sends_them():
             ros_io.compressed_image_to_array(bad)
     with pytest.raises(ValueError, match='PNG needs'):
         ros_io.array_to_compressed_image_msg(np.zeros((4, 4), np.float32))
+
+
+def test_overrides_the_node_never_declared_are_found(rclpy_context, tmp_path):
+    """--params-file entries that apply to the node (by rcl's key rules) and -p, not declared."""
+    from rclpy.node import Node
+    params = tmp_path / 'params.yaml'
+    params.write_text('/**:\n  ros__parameters:\n    everywhere: 1\n'
+                      'probe:\n  ros__parameters:\n    declared: 2\n    min_nc: 0.9\n'
+                      '    nested: {deeper: 3}\n'
+                      '/ns/*:\n  ros__parameters:\n    elsewhere: 4\n'
+                      'other:\n  ros__parameters:\n    not_mine: 5\n')
+    node = Node('probe', context=rclpy_context)
+    try:
+        node.declare_parameter('declared', 0)
+        args = ['prog', '-p', 'outside:=1', '--ros-args', '--params-file', str(params),
+                '-p', 'typo:=1', '-p', 'declared:=3', '--', '-p', 'not_ros:=1']
+        assert ros_io.undeclared_overrides(node, args) == ['everywhere', 'min_nc',
+                                                           'nested.deeper', 'typo']
+        assert ros_io.undeclared_overrides(node, ['prog']) == []
+    finally:
+        node.destroy_node()

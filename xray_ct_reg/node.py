@@ -57,6 +57,12 @@ class RegistrationNode(LifecycleNode):
         """Declare the parameters and the always-on diagnostics; nothing else until configure."""
         super().__init__(NODE_NAME, **kwargs)
         ros_io.declare_settings(self, SPECS.values())
+        undeclared = ros_io.undeclared_overrides(self)  # ROS ignores them without a word
+        self._undeclared_warning = '' if not undeclared else (
+            f"set but not parameters of this node, ignored: {', '.join(undeclared)} "
+            '(misspelt? `xray-ct-reg params` lists them)')
+        if undeclared:
+            self.get_logger().warning(self._undeclared_warning)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._answer_invalid_transitions()
         self._core = StreamCore(NodeConfig())
@@ -374,11 +380,11 @@ class RegistrationNode(LifecycleNode):
             verdict, DiagnosticStatus.OK)
         if verdict in ('rejected', 'error'):
             message += f": {values['last_reason']}"
-        warning = ''
         if self._state == 'active' and self._image_topic_name:
             warning = self._core.warning(self.count_publishers(self._image_topic_name))
         else:  # a monitor must not read a node that publishes nothing as healthy
             warning = f'not publishing: lifecycle state {self._state}'
+        warning = '; '.join(filter(None, (warning, self._undeclared_warning)))
         if warning:
             level = max(level, DiagnosticStatus.WARN)
             message += f' | warning: {warning}'

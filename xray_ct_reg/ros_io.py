@@ -13,6 +13,7 @@ points Fast DDS at the package's profile for full-size frames.
 import array
 import os
 from pathlib import Path
+import re
 import sys
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
@@ -160,6 +161,65 @@ def declare_settings(node, specs):
     for spec in specs:
         node.declare_parameter(spec.name, spec.default, parameter_descriptor(spec))
     return {spec.name: node.get_parameter(spec.name).value for spec in specs}
+
+
+def _ros_arguments(args):
+    """(flag, value) of the --params-file and -p/--param arguments in ``args``' --ros-args."""
+    inside, pending = False, None
+    for token in args:
+        if pending is not None:
+            yield pending, token
+            pending = None
+        elif token == '--ros-args':
+            inside = True
+        elif token == '--':
+            inside = False
+        elif inside and token in ('--params-file', '-p', '--param'):
+            pending = token
+
+
+def _node_pattern(key):
+    """A parameter file's node key ('/**', 'name', '/ns/*', ...) as a regex of full names."""
+    key = key if key.startswith('/') else '/' + key
+    parts = (re.escape(part).replace(r'\*', '[^/]*') for part in key.split('**'))
+    return re.compile('.*'.join(parts))
+
+
+def _params_file_names(path, node_name):
+    """Parameter names a ROS 2 parameter file sets for the node ``node_name`` (full name)."""
+    import yaml
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return set()  # rclpy.init has already refused a file it cannot read
+
+    def flatten(values, prefix=''):
+        for name, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f'{prefix}{name}.')
+            else:
+                yield prefix + str(name)
+    names = set()
+    for key, entry in (document.items() if isinstance(document, dict) else ()):
+        if (isinstance(entry, dict) and isinstance(entry.get('ros__parameters'), dict)
+                and _node_pattern(str(key)).fullmatch(node_name)):
+            names.update(flatten(entry['ros__parameters']))
+    return names
+
+
+def undeclared_overrides(node, args=None):
+    """Names set for ``node`` at start (--params-file, -p) that it has not declared, sorted.
+
+    ROS ignores such overrides without a word, so a misspelt setting would silently keep its
+    default. ``args``: the process arguments (default ``sys.argv``).
+    """
+    names = set()
+    for flag, value in _ros_arguments(sys.argv if args is None else args):
+        if flag == '--params-file':
+            names |= _params_file_names(value, node.get_fully_qualified_name())
+        else:
+            names.add(value.split(':=', 1)[0])
+    return sorted(name for name in names if not node.has_parameter(name))
 
 
 # ----------------------------------------------------------------------------- time
