@@ -375,6 +375,8 @@ def _bad_inputs(frame):
     zero_k_info.k = [0.0] * 9
     distorted_info = ros_io.intrinsics_to_camera_info(frame.intrinsics)
     distorted_info.d = [-0.3, 0.1, 0.0, 0.0, 0.0]
+    binned_info = ros_io.intrinsics_to_camera_info(frame.intrinsics)  # the image is not binned
+    binned_info.binning_x = binned_info.binning_y = 2
     return [
         ('wrong encoding', dict(image=yuv), 'unsupported image encoding'),
         ('empty image', dict(image=empty), 'empty image'),
@@ -383,6 +385,8 @@ def _bad_inputs(frame):
         ('missing CameraInfo', dict(image=frame.image, info=False), 'no CameraInfo'),
         ('zero K', dict(image=frame.image, camera_info=zero_k_info), 'invalid CameraInfo K'),
         ('distortion', dict(image=frame.image, camera_info=distorted_info), 'distortion'),
+        ('binning not applied', dict(image=frame.image, camera_info=binned_info),
+         'detector through its ROI and binning'),
         ('frame_id = ct_frame', dict(image=frame.image, frame_id='ct'), 'to itself'),
         ('frame_id with a slash', dict(image=frame.image, frame_id='/carm'), 'valid TF frame id'),
     ]
