@@ -569,6 +569,43 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
     assert missing.returncode == 1 and 'not found' in missing.stderr
 
 
+def test_register_cli_registers_every_frame_of_a_dicom_run(patient, tmp_path, capsys):
+    """``--frame all`` on a multi-frame DICOM: every frame in order, tracked, one overlay each.
+
+    The run: a C-arm orbiting 0.5 deg per frame; frames after the first start from the last
+    accepted pose.
+    """
+    import json
+
+    import SimpleITK as sitk
+
+    from xray_ct_reg import cli, sim_carm
+    if not MODEL.is_file():
+        pytest.skip(f'committed model {MODEL} does not exist yet')
+    poses = sim_carm.sample_poses(patient, 3, seed=21, motion='rotation')
+    frames = sim_carm.render_frames(patient, poses, size=128, render_size=128, seed=21)
+    run = sitk.GetImageFromArray(np.stack([frame.image for frame in frames]))
+    run.SetSpacing([frames[0].intrinsics.pixel_spacing_mm] * 2 + [1.0])
+    run.SetMetaData('0008|0060', 'XA')
+    run.SetMetaData('0018|1110', f'{frames[0].intrinsics.sdd_mm:g}')
+    sitk.WriteImage(run, str(tmp_path / 'run.dcm'))
+    argv = ['register', str(tmp_path / 'run.dcm'), '--model', str(MODEL), '--ct', 'example',
+            '--refine', '--frame', 'all', '--json', '--overlay', str(tmp_path / 'o.png')]
+    assert cli.main(argv) == 0, capsys.readouterr()
+    results = json.loads(capsys.readouterr().out)
+    assert [result['frame'] for result in results] == [0, 1, 2]
+    for result, frame in zip(results, frames, strict=True):
+        assert result['accepted'], result['reason']
+        assert geometry.mtre(np.array(result['pose']), frame.pose,
+                             patient.targets) < REFINED_BOUND_MM
+    assert [result['tracked'] for result in results] == [False, True, True]
+    assert sorted(p.name for p in tmp_path.glob('o_*.png')) == ['o_000.png', 'o_001.png',
+                                                                'o_002.png']
+    with pytest.raises(SystemExit):
+        cli.main(argv[:2] + ['--model', str(MODEL), '--frame', 'first'])
+    assert "expected a frame index or 'all'" in capsys.readouterr().err
+
+
 def test_register_cli_refuses_bad_geometry_and_output_before_registering(tmp_path, capsys):
     """Bad geometry input or overlay path: exit 1 with one 'error:' line, nothing written.
 

@@ -83,6 +83,7 @@ def to_encoding(image01, encoding):
     return scaled.astype(dtype)
 
 
+ALL_FRAMES = 'all'  # read_images: every frame of a DICOM run
 # DICOM tags (group|element, as SimpleITK names them) of a projection X-ray's geometry
 DICOM_SDD_TAG = '0018|1110'            # DistanceSourceToDetector (mm)
 DICOM_IMAGER_SPACING_TAG = '0018|1164'  # ImagerPixelSpacing: row, column spacing (mm) at the
@@ -146,24 +147,19 @@ def read_detector_tags(path):
                         pixel_spacing_mm=None if spacing is None else (spacing[1], spacing[0]))
 
 
-def _read_dicom(path, frame):
-    """One frame of a DICOM X-ray, as MONOCHROME2 (GDCM inverts a MONOCHROME1 image)."""
+def _read_dicom_frames(path):
+    """Every frame of a DICOM X-ray, (frames, height, width), as MONOCHROME2 (GDCM inverts)."""
     import SimpleITK as sitk
-    reader = _dicom_reader(path)
-    pixels = sitk.GetArrayFromImage(reader.Execute())
-    frames = 1 if pixels.ndim == 2 else pixels.shape[0]
-    if frame is None and frames > 1:
-        raise ValueError(f'{path} holds {frames} frames: choose one (--frame 0 to {frames - 1})')
-    index = frame or 0
-    if not 0 <= index < frames:
-        raise ValueError(f'{path} holds {frames} frame(s): no frame {index}')
-    return pixels.reshape(frames, *pixels.shape[-2:])[index]
+    pixels = sitk.GetArrayFromImage(_dicom_reader(path).Execute())
+    return pixels.reshape(-1, *pixels.shape[-2:])
 
 
-def read_image(path, frame=None):
-    """Read an X-ray: PNG/TIFF/JPEG (mono8/mono16 kept), .npy, NIfTI/MHA/NRRD (2D) or DICOM.
+def read_images(path, frame=None):
+    """The X-ray frames of a file that ``frame`` selects, as a list of 2D arrays.
 
-    ``frame`` picks one frame of a multi-frame DICOM (a fluoroscopy run); one is required there.
+    Files: PNG/TIFF/JPEG (mono8/mono16 kept), .npy, NIfTI/MHA/NRRD (2D) or DICOM. ``frame``
+    (DICOM only): None for a file of one image (a multi-frame DICOM, a fluoroscopy run, needs a
+    choice), a frame's index, or ``ALL_FRAMES`` for every frame in order.
     """
     path = Path(path)
     if not path.is_file():
@@ -172,7 +168,15 @@ def read_image(path, frame=None):
         raise ValueError(f'{path}: a frame can be chosen in a multi-frame DICOM file only')
     name = path.name.lower()
     if is_dicom(path):
-        image = _read_dicom(path, frame)
+        frames = _read_dicom_frames(path)
+        if frame == ALL_FRAMES:
+            return list(frames)
+        if frame is None and len(frames) > 1:
+            raise ValueError(f'{path} holds {len(frames)} frames: choose one (--frame 0 to '
+                             f'{len(frames) - 1}, or {ALL_FRAMES})')
+        if not 0 <= (frame or 0) < len(frames):
+            raise ValueError(f'{path} holds {len(frames)} frame(s): no frame {frame}')
+        image = frames[frame or 0]
     elif name.endswith('.npy'):
         image = np.load(path, allow_pickle=False)
     elif name.endswith(('.nii', '.nii.gz', '.mha', '.mhd', '.nrrd')):
@@ -187,7 +191,14 @@ def read_image(path, frame=None):
             image = to_grey(image, 'bgra8' if image.shape[2] == 4 else 'bgr8')
     if np.asarray(image).ndim != 2:
         raise ValueError(f'{path}: expected a 2D image, got shape {np.asarray(image).shape}')
-    return image
+    return [image]
+
+
+def read_image(path, frame=None):
+    """One X-ray image from a file (``read_images``; ``frame``: a DICOM frame's index)."""
+    if frame == ALL_FRAMES:
+        raise ValueError(f'read_image reads one frame; use read_images for {ALL_FRAMES!r}')
+    return read_images(path, frame)[0]
 
 
 def read_intrinsics(path, width, height):

@@ -18,6 +18,7 @@ Two modes (``RegistrationConfig.intensity_refine``):
 The pose is ``T_imager_ct`` in mm (see ``geometry``); resizing the image changes the
 intrinsics, never the pose. A bad pose never raises: the Result says ``accepted=False`` and why.
 """
+import argparse
 from dataclasses import asdict, dataclass, field, replace
 import json
 from pathlib import Path
@@ -481,12 +482,25 @@ def cli_config(args):
     return config, (args.ct or values.get('ct_path') or None)
 
 
+def _frame_argument(text):
+    """--frame: a frame's index or ``image_io.ALL_FRAMES``."""
+    if text == image_io.ALL_FRAMES:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame index or '{image_io.ALL_FRAMES}', "
+                                         f'got {text!r}') from None
+
+
 def add_register_arguments(parser):
     """Arguments of ``xray-ct-reg register``."""
     parser.add_argument('image', help='X-ray image: PNG/TIFF (mono8/16), .npy, .nii(.gz), .mha, '
                                       'DICOM')
-    parser.add_argument('--frame', type=int, default=None,
-                        help='the frame of a multi-frame DICOM (a fluoroscopy run) to register')
+    parser.add_argument('--frame', type=_frame_argument, default=None,
+                        help='the frame of a multi-frame DICOM (a fluoroscopy run) to register, '
+                             f'or {image_io.ALL_FRAMES!r}: every frame in order, each tracked from '
+                             'the last accepted pose')
     parser.add_argument('--model', required=True, help='checkpoint (.pt) trained for the CT')
     parser.add_argument('--intrinsics', help='JSON with K (3x3), width, height, sdd_mm')
     parser.add_argument('--sdd', type=float, default=None,
@@ -537,8 +551,19 @@ def _check_writable_image(path):
         raise ValueError(f'overlay {path}: no image writer for this extension (use .png)')
 
 
+def _overlay_path(path, index, frames):
+    """Where a frame's overlay goes: ``path`` itself, or ``name_<index>.ext`` for a run."""
+    path = Path(path)
+    return str(path if frames == 1 else path.with_name(f'{path.stem}_{index:03d}{path.suffix}'))
+
+
 def run_register(args):
-    """Register one image file and print the verdict; exit 0 when accepted, 2 when rejected."""
+    """Register an image file (or every frame of a DICOM run) and print the verdicts.
+
+    Frames of a run are registered in order, each tracked from the last accepted pose (as the
+    node tracks a sequence). Exit 0 when every frame is accepted, 2 when one is rejected, 1 when
+    nothing could be registered (bad input, model, CT or overlay path).
+    """
     from xray_ct_reg import ct
     try:
         config, ct_path = cli_config(args)
@@ -547,23 +572,33 @@ def run_register(args):
                              'trained for)')
         if args.overlay:
             _check_writable_image(args.overlay)
-        image = image_io.read_image(args.image, args.frame)
-        intrinsics = cli_intrinsics(args, image, image_io.read_detector_tags(args.image))
+        images = image_io.read_images(args.image, args.frame)
+        intrinsics = cli_intrinsics(args, images[0], image_io.read_detector_tags(args.image))
         patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
-        result = registrar.register(image, intrinsics)
+        results, prior = [], None
+        for image in images:
+            results.append(registrar.register(image, intrinsics, prior_pose=prior))
+            prior = results[-1].pose if results[-1].accepted else prior
     except (ValueError, OSError) as error:  # CTError and CheckpointError are ValueErrors
         print(f'error: {error}', file=sys.stderr)
         return 1
-    if args.overlay:
-        from xray_ct_reg import overlay
-        verdict = 'accepted' if result.accepted else f'rejected: {result.reason}'
-        picture = overlay.draw_overlay(image, result.pose, intrinsics, patient, text=verdict)
-        if not cv2.imwrite(args.overlay, picture):
-            print(f'error: could not write the overlay {args.overlay}', file=sys.stderr)
-            return 1
+    run = args.frame == image_io.ALL_FRAMES
+    for index, (image, result) in enumerate(zip(images, results, strict=True)):
+        if args.overlay:
+            from xray_ct_reg import overlay
+            verdict = 'accepted' if result.accepted else f'rejected: {result.reason}'
+            picture = overlay.draw_overlay(image, result.pose, intrinsics, patient, text=verdict)
+            path = _overlay_path(args.overlay, index, len(images))
+            if not cv2.imwrite(path, picture):
+                print(f'error: could not write the overlay {path}', file=sys.stderr)
+                return 1
+        if not args.json:
+            if run:
+                print(f"frame {index}{' (tracked)' if result.tracked else ''}:")
+            print('\n'.join(('  ' if run else '') + line for line in format_result(result)))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print('\n'.join(format_result(result)))
-    return 0 if result.accepted else 2
+        dicts = [{'frame': index, **result.to_dict()} if run else result.to_dict()
+                 for index, result in enumerate(results)]
+        print(json.dumps(dicts if run else dicts[0], indent=2))
+    return 0 if all(result.accepted for result in results) else 2
