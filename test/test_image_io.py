@@ -31,11 +31,16 @@ def test_a_dicom_xray_brings_its_detector_geometry(tmp_path):
     np.testing.assert_array_equal(image_io.read_image(path), pixels)
     tags = image_io.read_detector_tags(path)
     assert tags.sdd_mm == 1100.0 and tags.pixel_spacing_mm == pytest.approx((0.3, 0.25))
-    intrinsics = cli_intrinsics(_cli_args(), pixels, tags)  # non-square: fine with tags
+    intrinsics, source = cli_intrinsics(_cli_args(), pixels, tags)  # non-square: fine
+    assert source == ('SDD 1100 mm (DICOM DistanceSourceToDetector), pixel spacing 0.3 mm '
+                      '(DICOM ImagerPixelSpacing)')
     np.testing.assert_allclose(intrinsics.K, [[1100 / 0.3, 0, 31.5], [0, 1100 / 0.25, 23.5],
                                               [0, 0, 1]])
     assert intrinsics.sdd_mm == 1100.0 and (intrinsics.width, intrinsics.height) == (64, 48)
-    flagged = cli_intrinsics(_cli_args(sdd=1000.0, pixel_spacing=0.5), pixels, tags)
+    flagged, source = cli_intrinsics(_cli_args(sdd=1000.0, pixel_spacing=0.5), pixels, tags)
+    assert '(--sdd)' in source and '(--pixel-spacing)' in source
+    _, source = cli_intrinsics(_cli_args(), np.zeros((32, 32)))  # a PNG says nothing
+    assert source.startswith('SDD 1020 mm (Cios Fusion default)') and 'resized' in source
     assert flagged.K[0, 0] == flagged.K[1, 1] == pytest.approx(2000.0)  # flags win
     assert image_io.read_detector_tags(tmp_path / 'shot.dcm') == tags
     png = tmp_path / 'shot.png'

@@ -441,30 +441,39 @@ def refine_and_judge(projectors, image, intrinsics, start_pose, bone_centroid, c
 
 # ----------------------------------------------------------------------------- CLI
 def cli_intrinsics(args, image, tags=None):
-    """The intrinsics a CLI run uses: --intrinsics; else the detector's SDD and pixel spacing.
+    """The intrinsics a CLI run uses and where they came from: (Intrinsics, text).
 
-    Each comes from its flag (--sdd, --pixel-spacing), else from the file's DICOM tags
-    (``tags``, an ``image_io.DetectorTags``), else the Cios Fusion's: its whole square detector
-    resized to the image, so a non-square image without a pixel spacing is refused
-    (ValueError). The principal point is the image centre.
+    --intrinsics; else the detector's SDD and pixel spacing, each from its flag (--sdd,
+    --pixel-spacing), else from the file's DICOM tags (``tags``, an ``image_io.DetectorTags``),
+    else the Cios Fusion's: its whole square detector resized to the image, so a non-square
+    image without a pixel spacing is refused (ValueError). The principal point is the image
+    centre.
     """
     height, width = image.shape[:2]
     if args.intrinsics:
-        return image_io.read_intrinsics(args.intrinsics, width, height)
+        return (image_io.read_intrinsics(args.intrinsics, width, height),
+                f'K from {args.intrinsics}')
     tags = tags or image_io.DetectorTags()
-    sdd_mm = next(value for value in (args.sdd, tags.sdd_mm, geometry.CIOS_FUSION_SDD_MM)
-                  if value is not None)
+    sdd_mm, sdd_source = next((value, source) for value, source in (
+        (args.sdd, '--sdd'), (tags.sdd_mm, 'DICOM DistanceSourceToDetector'),
+        (geometry.CIOS_FUSION_SDD_MM, 'Cios Fusion default')) if value is not None)
     if args.pixel_spacing is not None:
-        return geometry.Intrinsics.from_carm(sdd_mm, args.pixel_spacing, width, height)
-    if tags.pixel_spacing_mm is not None:
+        intrinsics = geometry.Intrinsics.from_carm(sdd_mm, args.pixel_spacing, width, height)
+        spacing_source = '--pixel-spacing'
+    elif tags.pixel_spacing_mm is not None:
         spacing_x, spacing_y = tags.pixel_spacing_mm
         K = [[sdd_mm / spacing_x, 0.0, (width - 1) / 2.0],
              [0.0, sdd_mm / spacing_y, (height - 1) / 2.0], [0.0, 0.0, 1.0]]
-        return geometry.Intrinsics(np.array(K), width, height, sdd_mm)
-    if width != height:
+        intrinsics = geometry.Intrinsics(np.array(K), width, height, sdd_mm)
+        spacing_source = 'DICOM ImagerPixelSpacing'
+    elif width != height:
         raise ValueError(f'a {width}x{height} image is not the square default detector: give '
                          '--intrinsics or --pixel-spacing')
-    return geometry.Intrinsics.from_carm(sdd_mm).resize(width, height)
+    else:
+        intrinsics = geometry.Intrinsics.from_carm(sdd_mm).resize(width, height)
+        spacing_source = 'Cios Fusion detector resized to the image, default'
+    return intrinsics, (f'SDD {sdd_mm:g} mm ({sdd_source}), pixel spacing '
+                        f'{intrinsics.pixel_spacing_mm:.4g} mm ({spacing_source})')
 
 
 def cli_config(args):
@@ -573,7 +582,8 @@ def run_register(args):
         if args.overlay:
             _check_writable_image(args.overlay)
         images = image_io.read_images(args.image, args.frame)
-        intrinsics = cli_intrinsics(args, images[0], image_io.read_detector_tags(args.image))
+        intrinsics, geometry_source = cli_intrinsics(args, images[0],
+                                                     image_io.read_detector_tags(args.image))
         patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
         results, prior = [], None
@@ -584,6 +594,8 @@ def run_register(args):
         print(f'error: {error}', file=sys.stderr)
         return 1
     run = args.frame == image_io.ALL_FRAMES
+    if not args.json:
+        print(f'geometry: {intrinsics.width}x{intrinsics.height} px, {geometry_source}')
     for index, (image, result) in enumerate(zip(images, results, strict=True)):
         if args.overlay:
             from xray_ct_reg import overlay
