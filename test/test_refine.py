@@ -270,6 +270,32 @@ def test_depth_profile_peaks_at_the_true_depth_in_either_polarity(patient, proje
     np.testing.assert_allclose(dark, bright, atol=1e-9)
 
 
+def test_depth_is_judged_where_it_shows_away_from_the_focus_of_expansion(patient, projectors):
+    """Weighted by the distance from the focus of expansion, depth drops more 10 mm away.
+
+    Moving along the beam scales the image about the centre's projection, so the pixels far
+    from it move and the ones near it do not.
+    """
+    truth = geometry.carm_pose(patient.bone_centroid, lao_deg=-20.0, cranial_deg=8.0)
+    intrinsics = geometry.default_intrinsics(128)
+    image = projectors[-1].render(truth, intrinsics)
+    offsets = np.array([-10.0, 0.0, 10.0])
+    plain, weighted = (refine.depth_profile(projectors[-1], image, intrinsics, truth, offsets,
+                                            centre_ct=patient.bone_centroid,
+                                            expansion_weighted=weighted)
+                       for weighted in (False, True))
+    plain_drop, weighted_drop = (profile[1] - max(profile[0], profile[2])
+                                 for profile in (plain, weighted))
+    assert weighted_drop > 1.3 * plain_drop > 0.0
+    level = refine._Level(None, geometry.default_intrinsics(64), torch.ones(64, 64, dtype=bool),
+                          0.0)
+    weight = refine._expansion_weight(level, torch.tensor([0.0, 0.0, 700.0]))  # on the axis
+    centre = int(round(level.intrinsics.K[0, 2]))
+    assert weight[centre, centre] < 0.02 and weight.max() == 1.0
+    assert float(weight[centre, centre + 20]) == pytest.approx(
+        2.0 * float(weight[centre, centre + 10]), rel=0.05)
+
+
 def test_probe_jacobian_and_covariance_of_a_known_cost():
     """Residuals linear in the perturbation: the probes recover J and its flat direction.
 

@@ -31,6 +31,10 @@ line search along the beam through the centre (the weak direction of one view) a
 then probes a few mm and degrees away in every direction, depth along that beam, measure how
 sharp the optimum is (``RefineInfo.sharpness``):
 relative evidence that transfers across appearance, where the similarity's level does not.
+The depth probes are judged with the features weighted by each pixel's distance from the focus
+of expansion (``_expansion_weight``): moving along the beam scales the image about it, so the
+middle of the image, which does not move, would otherwise dilute the drop (on the held-out
+family's blurred, scattered appearance the plain drop 10 mm away was a third of our own views').
 Probes see only the neighbourhood, so short restarts along the beam on either side check that
 no better optimum lies a little farther (``RefineInfo.rival_margin``).
 """
@@ -113,8 +117,11 @@ class RefineInfo:
     exposed_fraction: float           # fraction of the finest level that shows anatomy
     ncc_before: float = NAN           # similarity at the start pose (with the chosen polarity)
     ncc_after: float = NAN            # similarity at the returned pose
-    depth_margin: float = NAN         # ncc_after minus the best DEPTH_PROBE_MM along the beam
-    sharpness: float = NAN            # ncc_after minus the best of the SHARPNESS_PROBES
+    depth_margin: float = NAN         # how much the similarity drops DEPTH_PROBE_MM along the
+                                      # beam, judged with features weighted towards where depth
+                                      # shows (``_expansion_weight``)
+    sharpness: float = NAN            # the least drop to a SHARPNESS_PROBES probe: ncc_after
+                                      # minus the best across the beam or turned, or depth_margin
     weak_margin: float = NAN          # ncc_after minus the best probe WEAK_PROBE along the
                                       # similarity's flattest direction (J^T J's weakest)
     rival_margin: float = math.inf    # ncc_after minus the best restart that ended elsewhere
@@ -164,9 +171,11 @@ def exposed_mask(image):
     return ~flat & ~np.isin(labels, small)
 
 
-def _unit(vector):
-    """``vector`` minus its mean, scaled to unit length."""
+def _unit(vector, weight=None):
+    """``vector`` minus its mean, times ``weight`` (per element; None: 1), at unit length."""
     centred = vector - vector.mean()
+    if weight is not None:
+        centred = centred * weight
     return centred / torch.sqrt((centred * centred).sum() + 1e-12)
 
 
@@ -177,22 +186,27 @@ def _differences(image):
     return image[:, 1:] - image[:, :-1], image[1:, :] - image[:-1, :]
 
 
-def intensity_features(image, mask):
-    """NCC's feature: the masked intensities as one unit vector."""
-    return [_unit(image[mask])]
+def intensity_features(image, mask, weight=None):
+    """NCC's feature: the masked intensities as one unit vector.
+
+    ``weight`` (every feature function): None, or per-pixel amplitudes on the image's grid.
+    """
+    return [_unit(image[mask], None if weight is None else weight[mask])]
 
 
-def gradient_features(image, mask):
+def gradient_features(image, mask, weight=None):
     """Gradient correlation's features: horizontal and vertical differences, unit vectors.
 
     Insensitive to the low-frequency part of an X-ray's appearance (scatter, soft tissue,
     heel effect, a processing LUT's offset) that NCC of the intensities has to match.
     """
-    return [_unit(difference[valid]) for difference, valid in
-            zip(_differences(image), _differences(mask), strict=True)]
+    weights = (None, None) if weight is None else (weight[:, :-1], weight[:-1, :])
+    return [_unit(difference[valid], None if part is None else part[valid])
+            for difference, valid, part in
+            zip(_differences(image), _differences(mask), weights, strict=True)]
 
 
-def normalised_gradient_features(image, mask):
+def normalised_gradient_features(image, mask, weight=None):
     """Normalised gradient fields: each pixel's gradient over sqrt(|gradient|^2 + eps^2).
 
     ``eps`` is the image's median gradient magnitude over the exposed pixels, so every edge
@@ -206,11 +220,12 @@ def normalised_gradient_features(image, mask):
     dx, dy = dx[valid], dy[valid]
     magnitude2 = dx * dx + dy * dy
     scale = torch.rsqrt(magnitude2 + magnitude2.median() + 1e-12)
-    return [_unit(torch.cat([dx * scale, dy * scale]))]
+    return [_unit(torch.cat([dx * scale, dy * scale]),
+                  None if weight is None else weight[:-1, :-1][valid].repeat(2))]
 
 
-# name -> features(image, exposed mask): unit vectors whose mean dot product is the similarity
-# (1 = identical up to gain and offset)
+# name -> features(image, exposed mask, weight=None): unit vectors whose mean dot product is the
+# similarity (1 = identical up to gain and offset)
 FEATURES = {'ncc': intensity_features, 'gradient_ncc': gradient_features,
             'ngf': normalised_gradient_features}
 SIMILARITIES = tuple(FEATURES)
@@ -284,6 +299,8 @@ class _Level:
     exposed: torch.Tensor
     blur_px: float
     target_features: list = None
+    xray: torch.Tensor | None = None            # the X-ray at this level (before any blur)
+    feature_weight: torch.Tensor | None = None  # per-pixel feature amplitudes (None: 1)
 
     def __post_init__(self):
         self._weight = self.exposed.double()
@@ -301,7 +318,13 @@ class _Level:
         """
         if self.blur_px > 0:
             image = self._blur(image * self._weight) / self._blurred_weight
-        return FEATURES[measure](image, self.exposed)
+        return FEATURES[measure](image, self.exposed, self.feature_weight)
+
+    def weighted(self, feature_weight, measure):
+        """This level with per-pixel feature amplitudes ``feature_weight``, X-ray included."""
+        level = replace(self, feature_weight=feature_weight, target_features=None)
+        level.target_features = level.features(self.xray, measure)
+        return level
 
 
 def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
@@ -312,8 +335,9 @@ def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
     level_size = _level_size(intrinsics, size)
     small, small_intrinsics = model.resize_for_network(image, intrinsics, level_size)
     small_mask, _ = model.resize_for_network(mask.astype(np.float32), intrinsics, level_size)
-    level = _Level(projector, small_intrinsics, torch.from_numpy(small_mask > 0.999), blur_px)
-    level.target_features = level.features(torch.from_numpy(small.astype(np.float64)), measure)
+    level = _Level(projector, small_intrinsics, torch.from_numpy(small_mask > 0.999), blur_px,
+                   xray=torch.from_numpy(small.astype(np.float64)))
+    level.target_features = level.features(level.xray, measure)
     return level
 
 
@@ -431,6 +455,22 @@ def _view_centre(pose, centre_ct, mask, intrinsics):
     pixel = ([columns.mean(), rows.mean()] if len(rows) else
              [(intrinsics.width - 1) / 2.0, (intrinsics.height - 1) / 2.0])
     return np.linalg.solve(intrinsics.K, [pixel[0], pixel[1], 1.0]) * centre[2]
+
+
+def _expansion_weight(level, centre_imager):
+    """Per-pixel feature amplitudes for judging depth: distance from the focus of expansion.
+
+    Moving the pose along the beam through ``centre_imager`` scales the image about that
+    point's projection, so each pixel moves in proportion to its distance from it. Amplitudes
+    in proportion to that distance (energies to its square, a matched filter) let the pixels
+    that move speak, where the plain similarity lets the unmoving middle dilute a depth error.
+    """
+    focus = level.intrinsics.K @ centre_imager.numpy()
+    height, width = level.exposed.shape
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                          torch.arange(width, dtype=torch.float64), indexing='ij')
+    distance = torch.hypot(u - focus[0] / focus[2], v - focus[1] / focus[2])
+    return distance / distance.max()
 
 
 def _beam_frame(centre_imager):
@@ -565,33 +605,41 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
                        for axis, offset in SHARPNESS_PROBES}
     probes = {key: float(1.0 - 0.5 * (residual @ residual))
               for key, residual in probe_residuals.items()}
-    depth = max(value for (axis, _), value in probes.items() if axis == 2)
+    across = max(value for (axis, _), value in probes.items() if axis != 2)
+    depth_judge = _Objective(finest.weighted(_expansion_weight(finest, beam_centre), measure),
+                             refined, beam_centre, polarity, measure, clock)
+    depth_margin = depth_judge.similarity(zero) - max(
+        depth_judge.similarity(offset * basis[:, axis]) for axis, offset in SHARPNESS_PROBES
+        if axis == 2)
     jacobian = _probe_jacobian(probe_residuals)
     weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     rivals = [] if near_start else _restarts(judge, frame[:, 2])
-    return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=final - depth,
+    return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=depth_margin,
                          rival_margin=final - max(rivals, default=-math.inf),
-                         sharpness=final - max(probes.values()), weak_margin=final - weak,
+                         sharpness=min(final - across, depth_margin), weak_margin=final - weak,
                          polarity=polarity, improved=improved,
                          covariance=_covariance(jacobian, final, basis,
                                                 (refined[:3, 3] - beam_centre).numpy()))
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
-                  similarity='ngf', size=64):
+                  similarity='ngf', size=64, expansion_weighted=False):
     """The finest level's similarity with ``pose`` moved ``offsets_mm`` (mm) along the beam.
 
     ``projector``: the finest level's ``drr.DRRProjector``; ``size``: that level's longer side
     (px); ``centre_ct``: the rotation centre, as in ``refine_pose`` (the beam runs from the
-    source through it). The polarity is the similarity's sign at ``pose``. Returns an array of
-    the similarities, one per offset: how sharply, and where, it peaks in depth (the gates'
-    depth probe is ``DEPTH_PROBE_MM``; ``bench/depth_bias.py``).
+    source through it); ``expansion_weighted``: the features weighted as the gates' depth probes
+    weigh them (``_expansion_weight``). The polarity is the similarity's sign at ``pose``.
+    Returns an array of the similarities, one per offset: how sharply, and where, it peaks in
+    depth (the gates' depth probe is ``DEPTH_PROBE_MM``; ``bench/depth_bias.py``).
     """
     level_image, level_intrinsics, mask = _finest_input(image, intrinsics, size)
     level = _make_level(projector, level_image, mask, level_intrinsics, size, similarity, 0.0)
     pose = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
     centre = torch.as_tensor(_view_centre(pose.numpy(), centre_ct, mask, level_intrinsics))
+    if expansion_weighted:
+        level = level.weighted(_expansion_weight(level, centre), similarity)
     zero = torch.zeros(6, dtype=torch.float64)
     clock = _Clock(math.inf)
     with model.one_torch_thread():
