@@ -13,8 +13,9 @@ mTRE. (A refinement that finds nothing better than its start returns the start: 
 
 A second table profiles the finest level's similarity along the beam through the truth
 (``refine.depth_profile``, every PROFILE_STEP_MM to ±PROFILE_HALF_WIDTH_MM): where it peaks, and
-how much it drops 10 mm away (the gates' depth probe, which must drop by ``min_sharpness``);
-bench/results/depth_profile.png plots the median profile of each set.
+how much it drops 10 mm away, plainly and as the gates' depth probe judges it (features weighted
+by the distance from the focus of expansion; it must drop by ``min_sharpness``);
+bench/results/depth_profile.png plots the median plain profile of each set.
 
     .venv/bin/python bench/depth_bias.py [-n 8]
 
@@ -89,18 +90,23 @@ def profile_row(name, cases, projector, centre_ct, min_sharpness):
     probes = [int(np.argmin(np.abs(offsets - sign * refine.DEPTH_PROBE_MM)))
               for sign in (-1.0, 1.0)]
     middle = int(np.argmin(np.abs(offsets)))
-    profiles = np.array([refine.depth_profile(projector, case['image'], case['intrinsics'],
-                                              case['pose'], offsets, centre_ct)
-                         for case in cases])
+    profiles, weighted = (np.array([refine.depth_profile(
+        projector, case['image'], case['intrinsics'], case['pose'], offsets, centre_ct,
+        expansion_weighted=expansion_weighted) for case in cases])
+        for expansion_weighted in (False, True))
     peaks = [peak_offset(offsets, profile) for profile in profiles]
-    drops = profiles[:, middle] - profiles[:, probes].max(axis=1)
+    drops, gate_drops = (values[:, middle] - values[:, probes].max(axis=1)
+                         for values in (profiles, weighted))
     return {'views': name, 'n': len(cases), 'offsets_mm': offsets.tolist(),
             'median_profile': np.median(profiles - profiles[:, middle:middle + 1],
                                         axis=0).tolist(),
             'peak_mm': peaks, 'abs_peak_p50_mm': float(np.median(np.abs(peaks))),
             'peaks_within_step': int(np.sum(np.abs(peaks) <= PROFILE_STEP_MM)),
             'drop_10mm': drops.tolist(), 'drop_10mm_p50': float(np.median(drops)),
-            'drops_passing_gate': int(np.sum(drops >= min_sharpness))}
+            'drops_passing_gate': int(np.sum(drops >= min_sharpness)),
+            'gate_drop_10mm': gate_drops.tolist(),
+            'gate_drop_10mm_p50': float(np.median(gate_drops)),
+            'gate_drops_passing_gate': int(np.sum(gate_drops >= min_sharpness))}
 
 
 def plot_profiles(rows, path, min_sharpness):
@@ -162,11 +168,13 @@ def main():
         profiles.append(profile_row(name, cases, projectors[-1], patient.bone_centroid,
                                     min_sharpness))
     print(f"\n{'views':40s} {'n':>3s} {'|peak| p50':>10s} {f'peak <= {PROFILE_STEP_MM:g}':>11s} "
-          f"{'drop 10mm p50':>13s} {f'drop >= {min_sharpness:g}':>12s}")
+          f"{'drop 10mm p50':>13s} {f'drop >= {min_sharpness:g}':>12s} {'gate drop p50':>13s} "
+          f"{f'gate >= {min_sharpness:g}':>12s}")
     for row in profiles:
         print(f"{row['views']:40s} {row['n']:3d} {row['abs_peak_p50_mm']:10.1f} "
               f"{row['peaks_within_step']:11d} {row['drop_10mm_p50']:13.3f} "
-              f"{row['drops_passing_gate']:12d}")
+              f"{row['drops_passing_gate']:12d} {row['gate_drop_10mm_p50']:13.3f} "
+              f"{row['gate_drops_passing_gate']:12d}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'depth_bias.json').write_text(json.dumps(
