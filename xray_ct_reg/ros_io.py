@@ -13,7 +13,6 @@ points Fast DDS at the package's profile for full-size frames.
 import array
 import os
 from pathlib import Path
-import re
 import sys
 
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped
@@ -24,7 +23,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from xray_ct_reg import geometry, image_io
+from xray_ct_reg import geometry, image_io, settings
 
 try:  # a real ROS install has cv_bridge; PyPI does not
     from cv_bridge import CvBridge
@@ -178,13 +177,6 @@ def _ros_arguments(args):
             pending = token
 
 
-def _node_pattern(key):
-    """A parameter file's node key ('/**', 'name', '/ns/*', ...) as a regex of full names."""
-    key = key if key.startswith('/') else '/' + key
-    parts = (re.escape(part).replace(r'\*', '[^/]*') for part in key.split('**'))
-    return re.compile('.*'.join(parts))
-
-
 def _params_file_names(path, node_name):
     """Parameter names a ROS 2 parameter file sets for the node ``node_name`` (full name)."""
     import yaml
@@ -200,10 +192,9 @@ def _params_file_names(path, node_name):
             else:
                 yield prefix + str(name)
     names = set()
-    for key, entry in (document.items() if isinstance(document, dict) else ()):
-        if (isinstance(entry, dict) and isinstance(entry.get('ros__parameters'), dict)
-                and _node_pattern(str(key)).fullmatch(node_name)):
-            names.update(flatten(entry['ros__parameters']))
+    for section in (settings.node_parameters(document, node_name)
+                    if isinstance(document, dict) else ()):
+        names.update(flatten(section))
     return names
 
 
@@ -282,9 +273,7 @@ def compressed_image_to_array(msg):
     if pixels is None:
         raise ValueError(f'could not decode the compressed image (format {msg.format!r}, '
                          f'{data.size} bytes) as PNG or JPEG')
-    if pixels.ndim == 3:  # OpenCV decodes colour as BGR(A)
-        pixels = image_io.to_grey(pixels, 'bgra8' if pixels.shape[2] == 4 else 'bgr8')
-    return pixels
+    return image_io.decoded_to_grey(pixels)
 
 
 def array_to_compressed_image_msg(image, header=None):

@@ -15,6 +15,7 @@ ROS-free: the node turns :func:`specs` into ``declare_parameter`` calls.
 """
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+import re
 
 from xray_ct_reg import atomic_file
 
@@ -99,8 +100,30 @@ def update(config, values):
     return replace(config, **_checked(type(config), values))
 
 
+def node_key_matches(key, full_name):
+    """Whether a parameter file's node key applies to the node ``full_name`` ('/ns/name').
+
+    rcl's rules: a key without a leading '/' is in the root namespace, '*' stands for one name,
+    '**' for any part of the path ('/**': every node).
+    """
+    key = key if key.startswith('/') else '/' + key
+    parts = (re.escape(part).replace(r'\*', '[^/]*') for part in key.split('**'))
+    return re.fullmatch('.*'.join(parts), full_name) is not None
+
+
+def node_parameters(document, full_name):
+    """The ``ros__parameters`` mappings of a loaded parameter file that apply to ``full_name``.
+
+    Wildcard entries come first, so the node's own entries override them when applied in order.
+    """
+    sections = [(str(key), entry['ros__parameters']) for key, entry in document.items()
+                if isinstance(entry, dict) and isinstance(entry.get('ros__parameters'), dict)
+                and node_key_matches(str(key), full_name)]
+    return [values for _, values in sorted(sections, key=lambda section: '*' not in section[0])]
+
+
 def read_params_file(path, node_name=NODE_NAME):
-    """The ``ros__parameters`` of ``node_name`` (or of ``/**``) in a ROS 2 parameter YAML file.
+    """The ``ros__parameters`` of ``node_name`` (root namespace) in a ROS 2 parameter YAML file.
 
     Raises ValueError when the file is missing, is not YAML, or has no parameters for the node.
     """
@@ -115,10 +138,8 @@ def read_params_file(path, node_name=NODE_NAME):
     if not isinstance(document, dict):
         raise ValueError(f'{path}: expected a mapping of node names to ros__parameters')
     values = {}
-    for key in ('/**', node_name, '/' + node_name):  # specific entries override the wildcard
-        entry = document.get(key)
-        if isinstance(entry, dict) and isinstance(entry.get('ros__parameters'), dict):
-            values.update(entry['ros__parameters'])
+    for section in node_parameters(document, '/' + node_name):
+        values.update(section)
     if not values:
         raise ValueError(f'{path} has no ros__parameters for /** or {node_name}')
     return values
