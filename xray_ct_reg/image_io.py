@@ -64,6 +64,13 @@ def to_grey(pixels, encoding):
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
+def decoded_to_grey(pixels):
+    """An image as OpenCV decodes a file: 2D as it is, colour (BGR or BGRA) by its luminance."""
+    if pixels.ndim != 3:
+        return pixels
+    return to_grey(pixels, 'bgra8' if pixels.shape[2] == 4 else 'bgr8')
+
+
 def encoding_for(image):
     """The encoding to write a 2D array with: mono8, mono16 or 32FC1 by its dtype."""
     dtype = np.asarray(image).dtype
@@ -164,10 +171,11 @@ def read_images(path, frame=None):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'image file not found: {path}')
-    if frame is not None and not is_dicom(path):
+    dicom = is_dicom(path)
+    if frame is not None and not dicom:
         raise ValueError(f'{path}: a frame can be chosen in a multi-frame DICOM file only')
     name = path.name.lower()
-    if is_dicom(path):
+    if dicom:
         frames = _read_dicom_frames(path)
         if frame == ALL_FRAMES:
             return list(frames)
@@ -187,8 +195,7 @@ def read_images(path, frame=None):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise ValueError(f'could not read {path} as an image')
-        if image.ndim == 3:  # OpenCV reads colour as BGR(A)
-            image = to_grey(image, 'bgra8' if image.shape[2] == 4 else 'bgr8')
+        image = decoded_to_grey(image)
     if np.asarray(image).ndim != 2:
         raise ValueError(f'{path}: expected a 2D image, got shape {np.asarray(image).shape}')
     return [image]

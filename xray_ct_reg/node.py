@@ -291,12 +291,11 @@ class RegistrationNode(LifecycleNode):
             return None
         intrinsics = ros_io.camera_info_to_intrinsics(info, config.sdd_mm)
         if (intrinsics.width, intrinsics.height) != (width, height):
-            described = (f'{intrinsics.width}x{intrinsics.height}' if (intrinsics.width,
-                         intrinsics.height) == (info.width, info.height) else
-                         f'{intrinsics.width}x{intrinsics.height} (its {info.width}x'
-                         f'{info.height} detector through its ROI and binning)')
-            raise ValueError(f'image size {width}x{height} does not match CameraInfo '
-                             f'{described}')
+            expected = f'{intrinsics.width}x{intrinsics.height}'
+            if (intrinsics.width, intrinsics.height) != (info.width, info.height):
+                expected += (f' (its {info.width}x{info.height} detector through its ROI and '
+                             'binning)')
+            raise ValueError(f'image size {width}x{height} does not match CameraInfo {expected}')
         return intrinsics
 
     # ------------------------------------------------------------------------- worker

@@ -162,9 +162,9 @@ class Result:
     between depth and tilt included), whenever the refinement scored a pose, with sigma^2
     widened for neighbouring residuals being correlated (``refine.CORRELATED_RESIDUALS_FACTOR``):
     calibrated in the median on own views (median squared Mahalanobis distance of the true error
-    5.3-5.4 on two seeds, as a calibrated one gives; 80 % within the 95 % bound, so the tails
-    are heavier), still optimistic on the held-out appearance family, whose errors are mostly a
-    bias in depth (median 35). ``inlier_spread``
+    5.0-5.1 on two seeds, where a calibrated one gives 5.35; 79-80 % within the 95 % bound, so
+    the tails are heavier), still optimistic on the held-out appearance family, whose errors
+    are mostly a bias in depth (median 35). ``inlier_spread``
     is the gate's measure of how the inlier pixels cover the image; ``num_candidates`` the
     number of correspondences handed to RANSAC (``inlier_ratio`` is relative to it). With
     intensity refinement, ``scr_pose`` is the PnP start and ``refinement`` the

@@ -27,7 +27,6 @@ validation loss is checkpointed; training stops early after ``patience`` epochs 
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-import io
 import json
 import math
 from pathlib import Path
@@ -469,9 +468,8 @@ def _save_state(path, network, optimizer, progress, source, rng):
                'architecture': {'base_width': network.base_width, 'depth': network.depth},
                'optimizer': optimizer.state_dict(), 'progress': progress,
                'source': source.state(), 'rng': rng.bit_generator.state}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_file.write_bytes(path, buffer.getvalue())
+    with atomic_file.replaced_on_success(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def _start(config, source, device):
