@@ -306,7 +306,8 @@ def main():
     parser.add_argument('--seed', type=int, nargs='+', default=[SEED],
                         help='test-set seeds (another than the default: a second sample; '
                              'several: their views pooled, each seed its own sample)')
-    parser.add_argument('--groups', nargs='+', default=list(GROUPS), choices=GROUPS)
+    parser.add_argument('--groups', nargs='+', default=list(GROUPS), choices=GROUPS,
+                        help='view groups to render and measure (default: all)')
     parser.add_argument('--similarity', default=RegistrationConfig.similarity,
                         help='refine.SIMILARITIES name')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
