@@ -21,8 +21,8 @@ Nothing in training or in the gate thresholds was tuned on it. Run:
     .venv/bin/python bench/heldout_family.py [-n 8] [--refine-n 8] [--size 128] [--seed S [S ...]]
         [--groups G [G ...]] [--modes M [M ...]]
 
-It prints per group (full, local, extreme) the fraction accepted, accepted median / p95 mTRE and
-accepted gross failures, for SCR only, with intensity refinement from the SCR pose, with the
+It prints per group (full, local, extreme) the fraction accepted, accepted median / p95 mTRE,
+accepted gross failures and how the published covariance fits the accepted errors, for SCR only, with intensity refinement from the SCR pose, with the
 refinement alone started 5-15 mm / 2-5 deg from the truth (the similarity and its gate on this
 appearance, apart from the network), and started at the truth itself (``at_truth``: the most
 the gates can accept when the search cannot fail, with the gate that rejected each view); writes
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from xray_ct_reg import geometry, simulate, xray_physics  # noqa: E402
+from xray_ct_reg.evaluate import CHI2_6DOF_95  # noqa: E402
 
 GROUPS = ('full', 'local', 'extreme')
 # scr: SCR + PnP alone; refined: refinement from the SCR pose; near_truth / at_truth: the
@@ -249,6 +250,7 @@ def _gate(reason):
 def _summary(records):
     """Per-group acceptance, accuracy of accepted estimates and rejections per gate."""
     accepted = [r['mtre_mm'] for r in records if r['accepted']]
+    consistency = [r['covariance_m2'] for r in records if 'covariance_m2' in r]
     return {'rejected_by': dict(Counter(_gate(r['reason']) for r in records
                                         if not r['accepted'])),
             'n': len(records), 'accepted': len(accepted),
@@ -256,6 +258,10 @@ def _summary(records):
             'accepted_mtre_p50_mm': float(np.median(accepted)) if accepted else None,
             'accepted_mtre_p95_mm': float(np.percentile(accepted, 95)) if accepted else None,
             'accepted_over_10mm': sum(m > 10.0 for m in accepted),
+            # the published covariance against the accepted errors (evaluate.summarize_records)
+            'covariance_m2_p50': float(np.median(consistency)) if consistency else None,
+            'covariance_within_95': (float(np.mean(np.asarray(consistency) < CHI2_6DOF_95))
+                                     if consistency else None),
             'estimate_mtre_p50_mm': float(np.nanmedian([r['mtre_mm'] for r in records]))
             if records else None}
 
@@ -357,6 +363,9 @@ def main():
                       'recipe': case['recipe'],
                       'accepted': result.accepted, 'reason': result.reason, 'mtre_mm': error,
                       'time_ms': result.timings_ms.get('total')}
+            if result.accepted and result.covariance is not None:
+                record['covariance_m2'] = geometry.covariance_consistency(
+                    result.pose, case['pose'], result.covariance)
             if result.refinement is not None:
                 record.update(ncc=result.refinement.ncc_after,
                               sharpness=result.refinement.sharpness,
@@ -382,6 +391,12 @@ def main():
             print(f"{mode:8} {group:8} {row['n']:3d} {row['accepted']:4d} "
                   f"{fmt(row['accepted_mtre_p50_mm'])} {fmt(row['accepted_mtre_p95_mm'])} "
                   f"{row['accepted_over_10mm']:6d} {fmt(row['estimate_mtre_p50_mm'])}")
+    for mode, data in report['modes'].items():
+        for group, row in data['groups'].items():
+            if row['covariance_m2_p50'] is not None:
+                print(f"{mode} {group} covariance: squared Mahalanobis distance of the accepted "
+                      f"errors, median {row['covariance_m2_p50']:.1f} (5.35 if calibrated), "
+                      f"{row['covariance_within_95']:.0%} within the 95 % bound {CHI2_6DOF_95}")
     if len(args.seed) > 1:  # each seed's own sample: how much the figures move between them
         for mode, data in report['modes'].items():
             for group in groups:
