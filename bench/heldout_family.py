@@ -22,15 +22,16 @@ Nothing in training or in the gate thresholds was tuned on it. Run:
         [--groups G [G ...]] [--modes M [M ...]]
 
 It prints per group (full, local, extreme) the fraction accepted, accepted median / p95 mTRE,
-accepted gross failures and how the published covariance fits the accepted errors, for SCR only, with intensity refinement from the SCR pose, with the
-refinement alone started 5-15 mm / 2-5 deg from the truth (the similarity and its gate on this
-appearance, apart from the network), and started at the truth itself (``at_truth``: the most
-the gates can accept when the search cannot fail, with the gate that rejected each view); writes
-bench/results/heldout_family.json, a plot of the gate scores (the similarity, the sharpness and
-the drop along the flattest direction) against mTRE with each gate's threshold,
-bench/results/heldout_family.png, and a contact sheet of the views. Several seeds pool their
-views (each seed its own sample: acceptance moved from 25 to 45 % between samples of one recipe),
-print the accepted count per seed, and add the seeds to the names of the files written.
+accepted gross failures and how the published covariance fits the accepted errors, for SCR only,
+with intensity refinement from the SCR pose, with the refinement alone started 5-15 mm / 2-5 deg
+from the truth (the similarity and its gate on this appearance, apart from the network), and
+started at the truth itself (``at_truth``: the most the gates can accept when the search cannot
+fail, with the gate that rejected each view); writes bench/results/heldout_family.json, a plot of
+the gate scores (the similarity, the sharpness and the drop along the flattest direction) against
+mTRE with each gate's threshold, bench/results/heldout_family.png, and a contact sheet of the
+views. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
+between samples of one recipe), print the accepted count per seed, and add the seeds to the names
+of the files written.
 """
 import argparse
 from collections import Counter
