@@ -797,6 +797,49 @@ def test_camera_info_pairs_in_either_order_and_with_jitter(harness, frames, untr
     assert message.startswith(f"active: last frame {values['last_verdict']}"), message
 
 
+def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
+        rclpy_context, patient):
+    """image_transport compressed: PNG on image_topic/compressed, bit-exact over DDS."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage
+
+    from xray_ct_reg.sim_carm import SimulatedCarm
+    overrides = [Parameter('pool_size', value=2), Parameter('size', value=64),
+                 Parameter('render_size', value=64), Parameter('rate_hz', value=20.0),
+                 Parameter('max_frames', value=4), Parameter('image_transport', value='compressed')]
+    carm = SimulatedCarm(patient=patient, context=rclpy_context, parameter_overrides=overrides)
+    listener = Node('compressed_listener', context=rclpy_context)
+    received = []
+    listener.create_subscription(CompressedImage, '/carm/image_raw/compressed', received.append,
+                                 QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    executor.add_node(carm)
+    executor.add_node(listener)
+    try:
+        published = dict(carm.get_publisher_names_and_types_by_node(carm.get_name(), '/'))
+        assert published['/carm/image_raw/compressed'] == ['sensor_msgs/msg/CompressedImage']
+        assert '/carm/image_raw' not in published
+        deadline = time.monotonic() + 30.0
+        while len(received) < 2 and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        assert len(received) >= 2, f'{len(received)} compressed frames received'
+        for message in received[:2]:
+            index = carm.published_stamps[ros_io.stamp_to_ns(message.header.stamp)]
+            image = ros_io.compressed_image_to_array(message)
+            assert image.dtype == np.uint16 and message.format.startswith('mono16; png')
+            assert np.array_equal(image, carm.frames[index].image)
+    finally:
+        executor.shutdown()
+        listener.destroy_node()
+        carm.destroy_node()
+    with pytest.raises(ValueError, match='image_transport compressed publishes PNG'):
+        SimulatedCarm(patient=patient, context=rclpy_context,
+                      parameter_overrides=[*overrides, Parameter('encoding', value='32FC1')])
+
+
 def test_simulated_carm_parameters_come_from_its_settings(rclpy_context, patient):
     from rclpy.parameter import Parameter
 

@@ -276,12 +276,16 @@ def compressed_image_to_array(msg):
     return image_io.decoded_to_grey(pixels)
 
 
+# encodings a PNG sensor_msgs/CompressedImage carries losslessly
+PNG_ENCODINGS = ('mono8', 'mono16')
+
+
 def array_to_compressed_image_msg(image, header=None):
     """A 2D uint8 or uint16 array as a PNG sensor_msgs/CompressedImage (lossless)."""
     import cv2
     image = np.asarray(image)
     encoding = image_io.encoding_for(image)
-    if image.ndim != 2 or encoding not in ('mono8', 'mono16'):
+    if image.ndim != 2 or encoding not in PNG_ENCODINGS:
         raise ValueError(f'PNG needs a 2D uint8 or uint16 image, got {image.dtype} '
                          f'{image.shape}')
     ok, png = cv2.imencode('.png', image)

@@ -1,7 +1,9 @@
 """A simulated C-arm: a ROS 2 node publishing X-ray frames rendered from a CT.
 
 ``simulated_carm`` publishes sensor_msgs/Image (mono16 by default) and CameraInfo on
-``/carm/image_raw`` and ``/carm/camera_info`` at ``rate_hz``, and the true pose of each frame on
+``/carm/image_raw`` and ``/carm/camera_info`` at ``rate_hz`` (with ``image_transport``
+``compressed``: lossless PNG sensor_msgs/CompressedImage on ``/carm/image_raw/compressed``, as
+image_transport's compressed plugin names it), and the true pose of each frame on
 ``/carm/true_pose`` (geometry_msgs/PoseStamped, metres, T_imager_ct, frame = the image frame),
 all three with the same stamp, for checking a registration. Frames come from a pool rendered at
 start (random poses from ``simulate.PoseSampler`` with ``seed``, or the poses of ``poses_file``),
@@ -16,12 +18,12 @@ from geometry_msgs.msg import PoseStamped
 import numpy as np
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo
 from std_msgs.msg import Header
 
 from xray_ct_reg import geometry, image_io, ros_io, settings
 from xray_ct_reg.settings import setting
-from xray_ct_reg.stream import QOS_PROFILES
+from xray_ct_reg.stream import IMAGE_TRANSPORTS, QOS_PROFILES
 
 NODE_NAME = 'simulated_carm'
 
@@ -130,7 +132,11 @@ class SimCarmConfig:
     max_frames: int = setting(0, 'stop publishing after this many frames (0 = never)',
                               limits=(0, 2**31 - 1))
     frame_id: str = setting('carm', 'frame id of the images (the imager frame)')
-    image_topic: str = setting('/carm/image_raw', 'image topic')
+    image_topic: str = setting('/carm/image_raw', 'image base topic')
+    image_transport: str = setting(
+        'raw', "image_transport's transport: raw (sensor_msgs/Image on image_topic) or "
+        'compressed (lossless PNG sensor_msgs/CompressedImage on image_topic/compressed; '
+        'mono8 or mono16 only)', choices=IMAGE_TRANSPORTS)
     camera_info_topic: str = setting('/carm/camera_info', 'CameraInfo topic')
     true_pose_topic: str = setting('/carm/true_pose', 'true pose topic (PoseStamped, m)')
     qos: str = setting('reliable', 'QoS of image and CameraInfo (REP 2003: drivers publish '
@@ -148,6 +154,9 @@ class SimulatedCarm(Node):
         super().__init__(NODE_NAME, **kwargs)
         config = self.config = settings.build(
             SimCarmConfig, ros_io.declare_settings(self, settings.specs(SimCarmConfig)))
+        if config.image_transport == 'compressed' and config.encoding not in ros_io.PNG_ENCODINGS:
+            raise ValueError(f'image_transport compressed publishes PNG: encoding must be one '
+                             f'of {ros_io.PNG_ENCODINGS}, not {config.encoding!r}')
         if patient is None:
             from xray_ct_reg import ct
             patient = ct.load_patient(config.ct_path)
@@ -158,10 +167,13 @@ class SimulatedCarm(Node):
                                     config.encoding, config.seed, config.polarity)
         qos = (qos_profile_sensor_data if config.qos == 'sensor_data'
                else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
-        self._image_pub = self.create_publisher(Image, config.image_topic, qos)
+        message_type, suffix, _ = ros_io.IMAGE_TRANSPORTS[config.image_transport]
+        self._image_pub = self.create_publisher(message_type, config.image_topic + suffix, qos)
         self._info_pub = self.create_publisher(CameraInfo, config.camera_info_topic, qos)
         self._pose_pub = self.create_publisher(PoseStamped, config.true_pose_topic, 10)
-        self._messages = [(ros_io.array_to_image_msg(f.image, config.encoding),
+        self._messages = [(ros_io.array_to_compressed_image_msg(f.image)
+                           if config.image_transport == 'compressed'
+                           else ros_io.array_to_image_msg(f.image, config.encoding),
                            ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in self.frames]
         self.published = 0
         self.published_stamps = {}
