@@ -1,6 +1,8 @@
 """The demo: its report arithmetic, and a short run over real ROS 2 (README's first command)."""
 import math
 
+import pytest
+
 from xray_ct_reg.demo import _hz, message_rate_hz
 
 
@@ -20,11 +22,13 @@ def test_summary_shows_a_missing_rate_as_a_dash_not_nan():
     assert _hz(4.26) == '4.3 Hz'
 
 
-def test_a_tracked_sequence_demo_runs_and_shuts_down_cleanly(tmp_path, capsys):
+@pytest.mark.parametrize('transport', ['raw', 'compressed'])
+def test_a_tracked_sequence_demo_runs_and_shuts_down_cleanly(tmp_path, capsys, transport):
     """README's demo over real ROS 2, short: TF for the frames, and no orphaned callback.
 
     A callback the executor still ran when the nodes were destroyed made rclpy print 'The
-    following exception was never retrieved' after every sequence demo.
+    following exception was never retrieved' after every sequence demo. With ``transport``
+    compressed the frames travel as PNG on image_raw/compressed.
     """
     import argparse
     import gc
@@ -34,7 +38,8 @@ def test_a_tracked_sequence_demo_runs_and_shuts_down_cleanly(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_demo_arguments(parser)
     args = parser.parse_args(['--frames', '5', '--rate', '5', '--motion', 'rotation',
-                              '--size', '128', '--out', str(tmp_path)])
+                              '--size', '128', '--out', str(tmp_path),
+                              '--image-transport', transport])
     assert run_demo(args) == 0
     gc.collect()
     assert 'never retrieved' not in capsys.readouterr().err

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from xray_ct_reg import geometry, image_io, ros_io, settings
+from xray_ct_reg.stream import IMAGE_TRANSPORTS
 
 TIMEOUT_S = 60.0
 
@@ -175,6 +176,9 @@ def add_demo_arguments(parser):
     parser.add_argument('--no-refine', action='store_true',
                         help='SCR only (no intensity refinement against the CT)')
     parser.add_argument('--seed', type=int, default=1, help='pose sampler seed')
+    parser.add_argument('--image-transport', default='raw', choices=IMAGE_TRANSPORTS,
+                        help='how the simulated C-arm sends its images to the node: raw '
+                             'sensor_msgs/Image, or compressed (PNG) on <topic>/compressed')
     parser.add_argument('--model', default=None,
                         help='checkpoint (default: the committed models/chest_example.pt)')
 
@@ -208,10 +212,12 @@ def run_demo(args):
         sim = SimulatedCarm(patient=patient, context=context, parameter_overrides=[
             Parameter('size', value=args.size), Parameter('rate_hz', value=args.rate),
             Parameter('pool_size', value=args.frames), Parameter('max_frames', value=args.frames),
-            Parameter('seed', value=args.seed), Parameter('motion', value=args.motion)])
+            Parameter('seed', value=args.seed), Parameter('motion', value=args.motion),
+            Parameter('image_transport', value=args.image_transport)])
         node = RegistrationNode(context=context, parameter_overrides=[
             Parameter('model_path', value=str(model)), Parameter('publish_overlay', value=False),
             Parameter('ct_path', value='example'),
+            Parameter('image_transport', value=args.image_transport),
             Parameter('intensity_refine', value=not args.no_refine)])
         verdicts, verdicts_lock = {}, threading.Lock()  # written by the node's worker thread
 
