@@ -816,13 +816,16 @@ def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
     listener.create_subscription(CompressedImage, '/carm/image_raw/compressed', received.append,
                                  QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     executor = SingleThreadedExecutor(context=rclpy_context)
-    executor.add_node(carm)
-    executor.add_node(listener)
     try:
         published = dict(carm.get_publisher_names_and_types_by_node(carm.get_name(), '/'))
         assert published['/carm/image_raw/compressed'] == ['sensor_msgs/msg/CompressedImage']
         assert '/carm/image_raw' not in published
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + 30.0  # matched before the C-arm's timer first runs
+        while carm.count_subscribers('/carm/image_raw/compressed') == 0:
+            assert time.monotonic() < deadline, 'the listener was never matched'
+            time.sleep(0.05)
+        executor.add_node(carm)
+        executor.add_node(listener)
         while len(received) < 2 and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.05)
         assert len(received) >= 2, f'{len(received)} compressed frames received'
