@@ -136,7 +136,7 @@ class SimCarmConfig:
     image_transport: str = setting(
         'raw', "image_transport's transport: raw (sensor_msgs/Image on image_topic) or "
         'compressed (lossless PNG sensor_msgs/CompressedImage on image_topic/compressed; '
-        'mono8 or mono16 only)', choices=IMAGE_TRANSPORTS)
+        f"{' or '.join(ros_io.PNG_ENCODINGS)} only)", choices=IMAGE_TRANSPORTS)
     camera_info_topic: str = setting('/carm/camera_info', 'CameraInfo topic')
     true_pose_topic: str = setting('/carm/true_pose', 'true pose topic (PoseStamped, m)')
     qos: str = setting('reliable', 'QoS of image and CameraInfo (REP 2003: drivers publish '
