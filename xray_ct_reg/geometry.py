@@ -137,13 +137,17 @@ class Intrinsics:
     @classmethod
     def from_carm(cls, sdd_mm=CIOS_FUSION_SDD_MM, pixel_spacing_mm=CIOS_FUSION_PIXEL_SPACING_MM,
                   width=CIOS_FUSION_PIXELS, height=CIOS_FUSION_PIXELS, principal_point=None):
-        """Intrinsics from C-arm geometry; principal point defaults to the detector centre."""
-        if not pixel_spacing_mm > 0:
+        """Intrinsics from C-arm geometry; principal point defaults to the detector centre.
+
+        ``pixel_spacing_mm``: one spacing, or (horizontal, vertical) for non-square pixels.
+        """
+        spacing_x, spacing_y = np.broadcast_to(np.asarray(pixel_spacing_mm, dtype=float), (2,))
+        if not (spacing_x > 0 and spacing_y > 0):
             raise ValueError(f'invalid pixel spacing {pixel_spacing_mm} mm (must be > 0)')
-        focal = sdd_mm / pixel_spacing_mm
         cx, cy = principal_point if principal_point is not None else (
             (width - 1) / 2.0, (height - 1) / 2.0)
-        K = np.array([[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]])
+        K = np.array([[sdd_mm / spacing_x, 0.0, cx], [0.0, sdd_mm / spacing_y, cy],
+                      [0.0, 0.0, 1.0]])
         return cls(K, int(width), int(height), float(sdd_mm))
 
     @classmethod

@@ -461,10 +461,7 @@ def cli_intrinsics(args, image, tags=None):
         intrinsics = geometry.Intrinsics.from_carm(sdd_mm, args.pixel_spacing, width, height)
         spacing_source = '--pixel-spacing'
     elif tags.pixel_spacing_mm is not None:
-        spacing_x, spacing_y = tags.pixel_spacing_mm
-        K = [[sdd_mm / spacing_x, 0.0, (width - 1) / 2.0],
-             [0.0, sdd_mm / spacing_y, (height - 1) / 2.0], [0.0, 0.0, 1.0]]
-        intrinsics = geometry.Intrinsics(np.array(K), width, height, sdd_mm)
+        intrinsics = geometry.Intrinsics.from_carm(sdd_mm, tags.pixel_spacing_mm, width, height)
         spacing_source = 'DICOM ImagerPixelSpacing'
     elif width != height:
         raise ValueError(f'a {width}x{height} image is not the square default detector: give '
