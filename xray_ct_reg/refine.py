@@ -344,16 +344,30 @@ def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
 class _Objective:
     """Feature residuals of a level's DRR at perturbations of a pose; counts renders."""
 
-    def __init__(self, level, pose, centre_imager, polarity, measure, clock):
+    def __init__(self, level, pose, centre_imager, polarity, measure, clock, renders=None):
+        """An objective about ``pose``; ``renders`` (None: no cache) maps delta -> DRR.
+
+        Objectives of the same pose, centre and level geometry that judge other features share
+        one ``renders`` dict, so each of their DRRs is rendered once.
+        """
         self.level, self.pose, self.centre = level, pose, centre_imager
         self.polarity, self.measure, self.clock = polarity, measure, clock
+        self.renders = renders
 
-    def residual(self, delta):
-        """Residual vector: |r|^2 = 2 - 2 * similarity (polarity applied to the DRR)."""
+    def _render(self, delta):
+        key = tuple(delta.tolist())
+        if self.renders is not None and key in self.renders:
+            return self.renders[key]
         self.clock.tick()
         rendered = torch.from_numpy(self.level.projector.render_by_slices(
             _perturbed_pose(self.pose, delta, self.centre).numpy(), self.level.intrinsics)).double()
-        features = self.level.features(self.polarity * rendered, self.measure)
+        if self.renders is not None:
+            self.renders[key] = rendered
+        return rendered
+
+    def residual(self, delta):
+        """Residual vector: |r|^2 = 2 - 2 * similarity (polarity applied to the DRR)."""
+        features = self.level.features(self.polarity * self._render(delta), self.measure)
         scale = 1.0 / np.sqrt(len(features))
         return torch.cat([(f - t) * scale for f, t in
                           zip(features, self.level.target_features, strict=True)])
@@ -600,14 +614,15 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     final = ncc_after if improved else ncc_before
     frame = _beam_frame(beam_centre)
     basis = torch.block_diag(frame, torch.eye(3, dtype=frame.dtype))  # probed axes, as columns
-    judge = _Objective(finest, refined, beam_centre, polarity, measure, clock)
+    judge_renders = {}  # the judges below see the same DRRs through different features
+    judge = _Objective(finest, refined, beam_centre, polarity, measure, clock, judge_renders)
     probe_residuals = {(axis, offset): judge.residual(offset * basis[:, axis])
                        for axis, offset in SHARPNESS_PROBES}
     probes = {key: float(1.0 - 0.5 * (residual @ residual))
               for key, residual in probe_residuals.items()}
     across = max(value for (axis, _), value in probes.items() if axis != 2)
     depth_judge = _Objective(finest.weighted(_expansion_weight(finest, beam_centre), measure),
-                             refined, beam_centre, polarity, measure, clock)
+                             refined, beam_centre, polarity, measure, clock, judge_renders)
     depth_margin = depth_judge.similarity(zero) - max(
         depth_judge.similarity(offset * basis[:, axis]) for axis, offset in SHARPNESS_PROBES
         if axis == 2)
