@@ -105,6 +105,33 @@ def test_replay_reports_bad_inputs_without_a_traceback(tmp_path, checkpoint, cap
     assert bag.run_bag_record_sim(args) == 2 and not (tmp_path / 'never').exists()
 
 
+def test_offline_replay_tracks_a_recorded_sequence_as_the_node_does(tmp_path):
+    """A recorded C-arm orbit, replayed offline, is tracked by the node's rule and settings.
+
+    At 0.1 s a frame, each frame after the first starts from the last accepted pose; a parameter
+    file that turns tracking off registers every frame the whole way.
+    """
+    if not MODEL.is_file():
+        pytest.skip(f'committed model {MODEL} does not exist yet')
+    recorded = tmp_path / 'orbit'
+    assert bag.run_bag_record_sim(_parse(
+        bag.add_bag_record_sim_arguments,
+        ['--out', str(recorded), '-n', '3', '--size', '128', '--motion', 'rotation'])) == 0
+    frames = bag.read_frames(recorded)
+    assert np.diff([frame['stamp_ns'] for frame in frames]).tolist() == [100_000_000] * 2
+    params = tmp_path / 'no_tracking.yaml'
+    params.write_text('/**:\n  ros__parameters:\n    tracking: false\n')
+    for extra, tracked in (([], [False, True, True]),
+                           (['--params-file', str(params)], [False, False, False])):
+        out_json = tmp_path / 'replay.json'
+        assert bag.run_replay(_parse(bag.add_replay_arguments,
+                                     [str(recorded), '--model', str(MODEL), '--ct', 'example',
+                                      '--refine', '--out-json', str(out_json)] + extra)) == 0
+        records = json.loads(out_json.read_text())['frames']
+        assert [record['result']['tracked'] for record in records] == tracked
+        assert all(record['accepted'] and record['mtre_mm'] < 2.0 for record in records)
+
+
 def test_replay_through_the_node_judges_every_frame_and_shuts_down_cleanly(tmp_path, checkpoint,
                                                                             capsys):
     """The real node in this process: a verdict per frame as offline, and a clean shutdown.

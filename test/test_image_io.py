@@ -9,13 +9,18 @@ from xray_ct_reg import image_io
 from xray_ct_reg.register import cli_intrinsics
 
 
-def _write_dicom(path, pixels, spacing_xy=(0.3, 0.25), sdd='1100'):
-    """A DICOM X-ray (XA) as GDCM writes it: ImagerPixelSpacing from the image spacing."""
+def _write_dicom(path, pixels, spacing_xy=(0.3, 0.25), sdd='1100', tags=None):
+    """A DICOM X-ray (XA) as GDCM writes it: ImagerPixelSpacing from the image spacing.
+
+    ``tags``: further tags ('gggg|eeee' -> text), e.g. a run's frame times.
+    """
     image = sitk.GetImageFromArray(pixels)
     image.SetSpacing(tuple(spacing_xy) + ((1.0,) if pixels.ndim == 3 else ()))
     image.SetMetaData('0008|0060', 'XA')
     if sdd is not None:
         image.SetMetaData(image_io.DICOM_SDD_TAG, sdd)
+    for tag, text in (tags or {}).items():
+        image.SetMetaData(tag, text)
     sitk.WriteImage(image, str(path))
     return path
 
@@ -87,3 +92,26 @@ def test_a_fluoroscopy_run_needs_a_frame_and_bad_tags_are_named(tmp_path):
     broken.write_bytes(b'\0' * 128 + b'DICM' + b'\1' * 20)
     with pytest.raises(ValueError, match='could not read .* as DICOM'):
         image_io.read_image(broken)
+
+
+def test_a_fluoroscopy_run_states_when_its_frames_were_taken(tmp_path):
+    """FrameTimeVector (ms since the previous frame) wins over FrameTime (ms between frames)."""
+    run = np.stack([np.full((16, 24), value, np.uint16) for value in (10, 20, 30)])
+    vector, frame_time = image_io.DICOM_FRAME_TIME_VECTOR_TAG, image_io.DICOM_FRAME_TIME_TAG
+    steady = _write_dicom(tmp_path / 'steady.dcm', run, tags={frame_time: '66.5'})
+    assert image_io.read_frame_times(steady, 3) == pytest.approx([0.0, 0.0665, 0.133])
+    uneven = _write_dicom(tmp_path / 'uneven.dcm', run,
+                          tags={frame_time: '66.5', vector: '0\\100\\2500'})
+    assert image_io.read_frame_times(uneven, 3) == pytest.approx([0.0, 0.1, 2.6])
+    silent = _write_dicom(tmp_path / 'silent.dcm', run)
+    assert image_io.read_frame_times(silent, 3) is None
+    assert image_io.read_frame_times(_png(tmp_path), 1) is None
+    short = _write_dicom(tmp_path / 'short.dcm', run, tags={vector: '0\\100'})
+    with pytest.raises(ValueError, match='FrameTimeVector has 2 values for 3 frames'):
+        image_io.read_frame_times(short, 3)
+    backwards = _write_dicom(tmp_path / 'backwards.dcm', run, tags={vector: '0\\-5\\10'})
+    with pytest.raises(ValueError, match=r'\(0018,1065\).*not zero or positive'):
+        image_io.read_frame_times(backwards, 3)
+    still = _write_dicom(tmp_path / 'still.dcm', run, tags={frame_time: '0'})
+    with pytest.raises(ValueError, match=r'\(0018,1063\).*not positive'):
+        image_io.read_frame_times(still, 3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xray_ct_reg import geometry
+from xray_ct_reg import geometry, image_io
 from xray_ct_reg.gates import intensity_gates, quality_gates, view_angle_from_ap_deg
 from xray_ct_reg.pnp import (
     PNP_METHODS,
@@ -573,7 +573,9 @@ def test_register_cli_registers_every_frame_of_a_dicom_run(patient, tmp_path, ca
     """``--frame all`` on a multi-frame DICOM: every frame in order, tracked, one overlay each.
 
     The run: a C-arm orbiting 0.5 deg per frame; frames after the first start from the last
-    accepted pose.
+    accepted pose while it is fresh by the run's frame times, as the node tracks: a run without
+    frame times from the frame before; a run 3 s a frame not at all (the node's 2 s), unless a
+    parameter file allows 5 s.
     """
     import json
 
@@ -601,6 +603,16 @@ def test_register_cli_registers_every_frame_of_a_dicom_run(patient, tmp_path, ca
     assert [result['tracked'] for result in results] == [False, True, True]
     assert sorted(p.name for p in tmp_path.glob('o_*.png')) == ['o_000.png', 'o_001.png',
                                                                 'o_002.png']
+    run.SetMetaData(image_io.DICOM_FRAME_TIME_TAG, '3000')
+    sitk.WriteImage(run, str(tmp_path / 'slow.dcm'))
+    params = tmp_path / 'tracking.yaml'
+    params.write_text('/**:\n  ros__parameters:\n    tracking_max_age_s: 5.0\n')
+    for extra, tracked in (([], [False, False, False]),
+                           (['--params-file', str(params)], [False, True, True])):
+        assert cli.main(argv[:1] + [str(tmp_path / 'slow.dcm')] + argv[2:-2] + extra) == 0
+        results = json.loads(capsys.readouterr().out)
+        assert [result['tracked'] for result in results] == tracked
+        assert all(result['accepted'] for result in results)
     with pytest.raises(SystemExit):
         cli.main(argv[:2] + ['--model', str(MODEL), '--frame', 'first'])
     assert "expected a frame index or 'all'" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from xray_ct_reg import geometry, image_io, ros_io, settings
+from xray_ct_reg import geometry, image_io, ros_io, settings, stream
 
 IMAGE_TOPIC = '/carm/image_raw'
 COMPRESSED_IMAGE_TOPIC = IMAGE_TOPIC + ros_io.IMAGE_TRANSPORTS['compressed'][1]
@@ -130,6 +130,7 @@ def read_frames(path):
 # ----------------------------------------------------------------------------- record
 def add_bag_record_sim_arguments(parser):
     """Arguments of ``xray-ct-reg bag-record-sim``."""
+    from xray_ct_reg.sim_carm import MOTIONS
     parser.add_argument('--out', required=True, help='bag directory to create')
     parser.add_argument('-n', '--frames', type=int, default=10, help='number of frames')
     parser.add_argument('--storage', choices=('sqlite3', 'mcap'), default='sqlite3')
@@ -138,6 +139,9 @@ def add_bag_record_sim_arguments(parser):
     parser.add_argument('--ct', default='example', help="CT to render ('example' = chest CT)")
     parser.add_argument('--seed', type=int, default=0, help='pose sampler and noise seed')
     parser.add_argument('--rate', type=float, default=10.0, help='frame rate of the stamps (Hz)')
+    parser.add_argument('--motion', default='none', choices=MOTIONS,
+                        help='none: random views; rotation or table_shift: a fluoroscopy '
+                             'sequence (replay tracks it, as the node does)')
 
 
 def record_sim(out, frames, storage='sqlite3', encoding='mono16', rate_hz=10.0, frame_id='carm',
@@ -168,7 +172,7 @@ def run_bag_record_sim(args):
     except (ValueError, OSError) as error:  # CTError is a ValueError
         print(f'error: {error}', file=sys.stderr)
         return 2
-    poses = sim_carm.sample_poses(patient, args.frames, args.seed)
+    poses = sim_carm.sample_poses(patient, args.frames, args.seed, args.motion)
     frames = sim_carm.render_frames(patient, poses, args.size, args.size, args.encoding,
                                     args.seed)
     stamps = record_sim(args.out, frames, args.storage, args.encoding, args.rate)
@@ -207,18 +211,29 @@ def _frame_intrinsics(frame, sdd_mm):
     return ros_io.camera_info_to_intrinsics(frame['camera_info'], sdd_mm)
 
 
-def register_offline(frames, registrar, sdd_mm=geometry.CIOS_FUSION_SDD_MM):
-    """Run the Registrar on every frame; return (result dict or None, error str) per frame."""
-    outcomes = []
+def register_offline(frames, registrar, sdd_mm=geometry.CIOS_FUSION_SDD_MM, tracking=None):
+    """Run the Registrar on every frame; return (result dict or None, error str) per frame.
+
+    As the node does, a frame starts from the last accepted pose of its ``frame_id`` while that
+    is fresh by the stamps (``stream.tracking_start`` with ``tracking``, a ``stream.NodeConfig``;
+    default: the node's defaults).
+    """
+    tracking = tracking or stream.NodeConfig()
+    outcomes, last_accepted = [], {}  # frame_id -> (stamp ns, pose) of its last accepted frame
     for frame in frames:
         if frame['error']:
             outcomes.append((None, frame['error']))
             continue
+        prior = stream.tracking_start(last_accepted.get(frame['frame_id']), frame['stamp_ns'],
+                                      tracking)
         try:
-            result = registrar.register(frame['image'], _frame_intrinsics(frame, sdd_mm))
+            result = registrar.register(frame['image'], _frame_intrinsics(frame, sdd_mm),
+                                        prior_pose=prior)
         except ValueError as error:
             outcomes.append((None, f'bad input: {error}'))
             continue
+        if result.accepted:
+            last_accepted[frame['frame_id']] = (frame['stamp_ns'], result.pose)
         outcomes.append((result.to_dict(), ''))
     return outcomes
 
@@ -281,7 +296,7 @@ def summarize_records(records):
 def run_replay(args):
     """Replay a bag through the Registrar (or the node) and report per frame."""
     from xray_ct_reg import node as ros_node
-    from xray_ct_reg.register import Registrar, cli_config
+    from xray_ct_reg.register import Registrar, cli_config, cli_tracking_config
     model = args.model or ros_node.default_model_path()
     if not model:
         print('error: no model given and no committed models/chest_example.pt found',
@@ -289,6 +304,7 @@ def run_replay(args):
         return 2
     try:  # settings, CT, bag and checkpoint: a clear message, not a traceback
         config, ct_path = cli_config(args)
+        tracking = cli_tracking_config(args)
         if config.intensity_refine and not ct_path:
             raise ValueError('intensity refinement needs --ct (the CT the model was trained for)')
         patient = None
@@ -304,9 +320,9 @@ def run_replay(args):
     if args.through_node:
         from xray_ct_reg import demo
         outcomes = demo.register_through_node(frames, model, ct_path or '', args.sdd_mm,
-                                              config=config)
+                                              config=config, tracking=tracking)
     else:
-        outcomes = register_offline(frames, registrar, args.sdd_mm)
+        outcomes = register_offline(frames, registrar, args.sdd_mm, tracking)
     targets = patient.targets if patient is not None else None
     records = [frame_record(i, frame, result, error, targets)
                for i, (frame, (result, error)) in enumerate(zip(frames, outcomes, strict=True))]

@@ -55,11 +55,12 @@ def _spin_in_background(executor):
 
 
 def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_FUSION_SDD_MM,
-                          config=None):
+                          config=None, tracking=None):
     """Feed bag frames (``bag.read_frames``) one by one through the node, in this process.
 
     Each frame waits for the node's verdict before the next is sent, so none is dropped.
-    ``config`` (a ``RegistrationConfig``) sets the node's registration parameters.
+    ``config`` (a ``RegistrationConfig``) sets the node's registration parameters, ``tracking``
+    (a ``stream.NodeConfig``) its tracking ones (None: the node's defaults).
     Returns per frame (result dict with accepted, reason, pose (from /tf, mm), covariance; or
     None) and an error string, like ``bag.register_offline``.
     """
@@ -92,6 +93,9 @@ def register_through_node(frames, model_path, ct_path='', sdd_mm=geometry.CIOS_F
                  Parameter('publish_overlay', value=False)]
     overrides += [Parameter(spec.name, value=getattr(config, spec.name))
                   for spec in settings.specs(RegistrationConfig)]
+    if tracking is not None:
+        overrides += [Parameter(name, value=getattr(tracking, name))
+                      for name in ('tracking', 'tracking_max_age_s')]
     node = RegistrationNode(context=context, parameter_overrides=overrides)
     node.result_callback = on_result
     feeder = Node('xray_ct_reg_replay_feeder', context=context)
@@ -163,6 +167,7 @@ def _feed_one(frame, image_pub, info_pub, listener, verdicts, done, header_type)
 # ----------------------------------------------------------------------------- CLI
 def add_demo_arguments(parser):
     """Arguments of ``xray-ct-reg demo``."""
+    from xray_ct_reg.sim_carm import MOTIONS
     parser.add_argument('--frames', type=int, default=6, help='number of simulated frames')
     parser.add_argument('--out', default='runs/demo', help='folder for overlays and summary')
     parser.add_argument('--size', type=int, default=256, help='image size (px)')
@@ -170,7 +175,7 @@ def add_demo_arguments(parser):
                         help='C-arm frame rate (Hz); a refined registration takes about 0.5 s '
                              'here, a tracked one about 0.2 s (frames arriving meanwhile are '
                              'dropped: latest frame only)')
-    parser.add_argument('--motion', default='none', choices=('none', 'rotation', 'table_shift'),
+    parser.add_argument('--motion', default='none', choices=MOTIONS,
                         help='none: single shots of random views; rotation or table_shift: a '
                              'fluoroscopy sequence the node tracks (e.g. --frames 30 --rate 5)')
     parser.add_argument('--no-refine', action='store_true',

@@ -95,6 +95,8 @@ ALL_FRAMES = 'all'  # read_images: every frame of a DICOM run
 DICOM_SDD_TAG = '0018|1110'            # DistanceSourceToDetector (mm)
 DICOM_IMAGER_SPACING_TAG = '0018|1164'  # ImagerPixelSpacing: row, column spacing (mm) at the
                                         # detector (PixelSpacing may be at the patient)
+DICOM_FRAME_TIME_TAG = '0018|1063'         # FrameTime: ms between the frames of a run
+DICOM_FRAME_TIME_VECTOR_TAG = '0018|1065'  # FrameTimeVector: ms since the previous frame, each
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,11 @@ def _dicom_reader(path):
     return reader
 
 
-def _dicom_numbers(reader, tag, path):
-    """The backslash-separated numbers of a DICOM tag (None when absent); ValueError if bad."""
+def _dicom_numbers(reader, tag, path, zero_allowed=False):
+    """The backslash-separated numbers of a DICOM tag (None when absent); ValueError if bad.
+
+    Each must be positive (``zero_allowed``: or zero).
+    """
     if not reader.HasMetaDataKey(tag):
         return None
     text = reader.GetMetaData(tag).strip()
@@ -136,8 +141,10 @@ def _dicom_numbers(reader, tag, path):
     except ValueError:
         raise ValueError(f'{path}: DICOM tag ({tag.replace("|", ",")}) is {text!r}, not numbers'
                          ) from None
-    if not all(np.isfinite(numbers)) or min(numbers) <= 0:
-        raise ValueError(f'{path}: DICOM tag ({tag.replace("|", ",")}) is {text!r}, not positive')
+    if not all(np.isfinite(numbers)) or min(numbers) < 0 or (min(numbers) == 0
+                                                              and not zero_allowed):
+        raise ValueError(f'{path}: DICOM tag ({tag.replace("|", ",")}) is {text!r}, not '
+                         f"{'zero or ' if zero_allowed else ''}positive")
     return numbers
 
 
@@ -152,6 +159,27 @@ def read_detector_tags(path):
         raise ValueError(f'{path}: ImagerPixelSpacing has {len(spacing)} values, not 2')
     return DetectorTags(sdd_mm=None if sdd is None else sdd[0],
                         pixel_spacing_mm=None if spacing is None else (spacing[1], spacing[0]))
+
+
+def read_frame_times(path, count):
+    """When each of a file's ``count`` frames was taken, in s after its first, or None.
+
+    From a DICOM run's FrameTimeVector (0018,1065), else its FrameTime (0018,1063); None for
+    other files and runs that state neither. ValueError when the tags are malformed.
+    """
+    if not is_dicom(path):
+        return None
+    reader = _dicom_reader(path)
+    increments = _dicom_numbers(reader, DICOM_FRAME_TIME_VECTOR_TAG, path, zero_allowed=True)
+    if increments is not None:
+        if len(increments) != count:
+            raise ValueError(f'{path}: FrameTimeVector has {len(increments)} values for '
+                             f'{count} frames')
+        return [1e-3 * float(ms) for ms in np.cumsum(increments) - increments[0]]
+    frame_time = _dicom_numbers(reader, DICOM_FRAME_TIME_TAG, path)
+    if frame_time is None:
+        return None
+    return [index * frame_time[0] * 1e-3 for index in range(count)]
 
 
 def _read_dicom_frames(path):

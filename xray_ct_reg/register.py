@@ -28,7 +28,7 @@ import time
 import cv2
 import numpy as np
 
-from xray_ct_reg import geometry, image_io, pnp, refine, settings
+from xray_ct_reg import geometry, image_io, pnp, refine, settings, stream
 from xray_ct_reg import model as scr_model
 from xray_ct_reg.gates import inlier_spread, intensity_gates, pose_gates, quality_gates
 from xray_ct_reg.settings import setting
@@ -480,12 +480,22 @@ def cli_config(args):
     exactly as the node would; ``--refine`` and ``--ct`` override it. ValueError for a bad file
     or one that sets a parameter the node does not have.
     """
-    values = settings.checked_node_values(
-        settings.read_params_file(args.params_file)) if args.params_file else {}
+    values = _params_file_values(args)
     config = settings.build(RegistrationConfig, values)
     if args.refine:
         config = replace(config, intensity_refine=True)
     return config, (args.ct or values.get('ct_path') or None)
+
+
+def cli_tracking_config(args):
+    """The node's settings (``stream.NodeConfig``) of ``--params-file``: its tracking rule."""
+    return settings.build(stream.NodeConfig, _params_file_values(args))
+
+
+def _params_file_values(args):
+    """The checked values of ``--params-file`` ({} without one); ValueError for a bad file."""
+    return settings.checked_node_values(
+        settings.read_params_file(args.params_file)) if args.params_file else {}
 
 
 def _frame_argument(text):
@@ -506,7 +516,8 @@ def add_register_arguments(parser):
     parser.add_argument('--frame', type=_frame_argument, default=None,
                         help='the frame of a multi-frame DICOM (a fluoroscopy run) to register, '
                              f'or {image_io.ALL_FRAMES!r}: every frame in order, each tracked from '
-                             'the last accepted pose')
+                             'the last accepted pose while fresh (tracking_max_age_s by the '
+                             "run's FrameTime; without it, from the frame before only)")
     parser.add_argument('--model', required=True, help='checkpoint (.pt) trained for the CT')
     parser.add_argument('--intrinsics', help='JSON with K (3x3), width, height, sdd_mm')
     parser.add_argument('--sdd', type=float, default=None,
@@ -566,9 +577,11 @@ def _overlay_path(path, index, frames):
 def run_register(args):
     """Register an image file (or every frame of a DICOM run) and print the verdicts.
 
-    Frames of a run are registered in order, each tracked from the last accepted pose (as the
-    node tracks a sequence). Exit 0 when every frame is accepted, 2 when one is rejected, 1 when
-    nothing could be registered (bad input, model, CT or overlay path).
+    Frames of a run are registered in order, each tracked from the last accepted pose while it
+    is fresh by the run's frame times (``stream.tracking_start``, the node's rule and settings;
+    a run without frame times tracks a frame from the one just before it only). Exit 0 when
+    every frame is accepted, 2 when one is rejected, 1 when nothing could be registered (bad
+    input, model, CT or overlay path).
     """
     from xray_ct_reg import ct
     try:
@@ -578,15 +591,22 @@ def run_register(args):
                              'trained for)')
         if args.overlay:
             _check_writable_image(args.overlay)
+        tracking = cli_tracking_config(args)
         images = image_io.read_images(args.image, args.frame)
         intrinsics, geometry_source = cli_intrinsics(args, images[0],
                                                      image_io.read_detector_tags(args.image))
+        times_s = image_io.read_frame_times(args.image, len(images))
+        if times_s is None:  # frames taken as tracking_max_age_s apart: only the one before
+            times_s = [index * tracking.tracking_max_age_s for index in range(len(images))]
         patient = ct.load_patient(ct_path) if ct_path else None
         registrar = Registrar.from_checkpoint(args.model, patient=patient, config=config)
-        results, prior = [], None
-        for image in images:
-            results.append(registrar.register(image, intrinsics, prior_pose=prior))
-            prior = results[-1].pose if results[-1].accepted else prior
+        results, last_accepted = [], None
+        for image, time_s in zip(images, times_s, strict=True):
+            stamp_ns = round(time_s * 1e9)
+            results.append(registrar.register(image, intrinsics, prior_pose=stream.tracking_start(
+                last_accepted, stamp_ns, tracking)))
+            if results[-1].accepted:
+                last_accepted = (stamp_ns, results[-1].pose)
     except (ValueError, OSError) as error:  # CTError and CheckpointError are ValueErrors
         print(f'error: {error}', file=sys.stderr)
         return 1

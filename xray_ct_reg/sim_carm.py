@@ -69,6 +69,7 @@ def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', 
 # per-frame step of a sequence: C-arm orbit (deg about the patient's long axis through the
 # bone centroid) or table shift (mm along that axis)
 MOTION_STEPS = {'rotation': 0.5, 'table_shift': 1.0}
+MOTIONS = ('none',) + tuple(MOTION_STEPS)  # 'none': independent random views
 
 
 def sample_poses(patient, count, seed=0, motion='none'):
@@ -127,7 +128,7 @@ class SimCarmConfig:
     pool_size: int = setting(8, 'number of poses rendered at start', limits=(1, 10000))
     motion: str = setting('none', 'none: random poses; rotation or table_shift: a fluoroscopy '
                           'sequence (0.5 deg orbit or 1 mm table shift per frame)',
-                          choices=('none',) + tuple(MOTION_STEPS))
+                          choices=MOTIONS)
     poses_file: str = setting('', 'JSON list of 4x4 poses (mm) to use instead of random ones')
     max_frames: int = setting(0, 'stop publishing after this many frames (0 = never)',
                               limits=(0, 2**31 - 1))

@@ -141,6 +141,21 @@ def _percentiles(values):
     return round(float(p50), 1), round(float(p95), 1)
 
 
+def tracking_start(last_accepted, stamp_ns, config):
+    """The pose a frame stamped ``stamp_ns`` is tracked from, or None.
+
+    ``last_accepted``: (stamp ns, pose) of the last accepted frame of the same frame pair, or
+    None. It starts the frame while fresh: ``config.tracking`` on and 0 < age <=
+    ``config.tracking_max_age_s`` by the stamps. The node, ``register --frame all`` and the
+    offline ``replay`` all track by this rule.
+    """
+    if not config.tracking or last_accepted is None:
+        return None
+    accepted_ns, pose = last_accepted
+    age_s = (stamp_ns - accepted_ns) * 1e-9
+    return pose if 0.0 < age_s <= config.tracking_max_age_s else None
+
+
 class StreamCore:
     """Mailbox, CameraInfo pairing, stamp rules and statistics of one activation (thread-safe).
 
@@ -298,11 +313,7 @@ class StreamCore:
     def prior_pose(self, frame):
         """The pose to track this frame from, or None (tracking off, none yet, or stale)."""
         with self._cond:
-            stamp_ns, pose = self._tracks.get(frame.tf_key, (None, None))
-            if not self.config.tracking or stamp_ns is None:
-                return None
-            age_s = (frame.stamp_ns - stamp_ns) * 1e-9
-            return pose if 0.0 < age_s <= self.config.tracking_max_age_s else None
+            return tracking_start(self._tracks.get(frame.tf_key), frame.stamp_ns, self.config)
 
     def finish(self, frame, verdict, reason='', stamp_to_tf_ms=None):
         """Record a frame's verdict ('accepted', 'rejected' or 'error') and its latencies."""
