@@ -843,6 +843,70 @@ def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
                       parameter_overrides=[*overrides, Parameter('encoding', value='32FC1')])
 
 
+def test_simulated_carm_reads_out_a_binned_zoom_that_registers_with_its_camera_info(
+        rclpy_context, patient):
+    """roi_size and binning: a centred, binned readout with the CameraInfo a driver sends.
+
+    Over DDS the image is the frame's read-out pixels and the CameraInfo states the whole
+    detector with that ROI and binning; the intrinsics the node derives from it register the
+    image to the true pose. A readout the detector cannot give is refused before rendering.
+    """
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from xray_ct_reg import register
+    from xray_ct_reg.sim_carm import SimulatedCarm
+    if not MODEL.is_file():
+        pytest.skip(f'committed model {MODEL} does not exist yet')
+    overrides = [Parameter('pool_size', value=1), Parameter('size', value=256),
+                 Parameter('render_size', value=256), Parameter('roi_size', value=192),
+                 Parameter('binning', value=2), Parameter('rate_hz', value=20.0),
+                 Parameter('max_frames', value=2), Parameter('seed', value=7)]
+    carm = SimulatedCarm(patient=patient, context=rclpy_context, parameter_overrides=overrides)
+    listener = Node('readout_listener', context=rclpy_context)
+    images, infos = [], []
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    listener.create_subscription(Image, '/carm/image_raw', images.append, qos)
+    listener.create_subscription(CameraInfo, '/carm/camera_info', infos.append, qos)
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    try:
+        deadline = time.monotonic() + 30.0  # matched before the C-arm's timer first runs
+        while (carm.count_subscribers('/carm/image_raw') == 0
+               or carm.count_subscribers('/carm/camera_info') == 0):
+            assert time.monotonic() < deadline, 'the listener was never matched'
+            time.sleep(0.05)
+        executor.add_node(carm)
+        executor.add_node(listener)
+        while (not images or not infos) and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        assert images and infos, f'{len(images)} images, {len(infos)} CameraInfos received'
+        image, info = ros_io.image_to_array(images[0]), infos[0]
+    finally:
+        executor.shutdown()
+        listener.destroy_node()
+        carm.destroy_node()
+    frame = carm.frames[0]
+    assert image.shape == (96, 96) and np.array_equal(image, frame.image)
+    assert (info.width, info.height, info.binning_x, info.binning_y) == (256, 256, 2, 2)
+    assert (info.roi.x_offset, info.roi.y_offset, info.roi.width, info.roi.height) == (
+        32, 32, 192, 192)
+    intrinsics = ros_io.camera_info_to_intrinsics(info, frame.intrinsics.sdd_mm)
+    assert intrinsics.equals(frame.intrinsics)
+    registrar = register.Registrar.from_checkpoint(
+        MODEL, patient=patient, config=register.RegistrationConfig(intensity_refine=True))
+    result = registrar.register(image, intrinsics)
+    assert result.accepted, result.reason
+    assert geometry.mtre(result.pose, frame.pose, patient.targets) < MTRE_BOUND_MM
+    for roi_size, binning in ((300, 1), (100, 3)):
+        with pytest.raises(ValueError, match='not a binned'):
+            SimulatedCarm(patient=patient, context=rclpy_context, parameter_overrides=[
+                *overrides, Parameter('roi_size', value=roi_size),
+                Parameter('binning', value=binning)])
+
+
 def test_simulated_carm_parameters_come_from_its_settings(rclpy_context, patient):
     from rclpy.parameter import Parameter
 

@@ -66,6 +66,45 @@ def render_frames(patient, poses, size=256, render_size=256, encoding='mono16', 
     return frames
 
 
+def readout_region(size, roi_size=0, binning=1):
+    """(first pixel, side) of the centred ``roi_size`` square (0: all) of a ``size`` px detector.
+
+    ValueError when it is larger than the detector or not divisible by ``binning``.
+    """
+    side = int(roi_size) or int(size)
+    if side > size or side % int(binning):
+        raise ValueError(f'readout: a {side} px square is not a binned ({binning} x {binning}) '
+                         f'region of a {size} px detector')
+    return (int(size) - side) // 2, side
+
+
+def read_out(frame, roi_size=0, binning=1):
+    """``frame`` as a flat-panel detector reads it out, and the CameraInfo a driver sends with it.
+
+    The image is the centred ``roi_size`` square of the frame's pixels (0: all of them; a C-arm's
+    zoom modes read the middle of the detector) binned ``binning`` x ``binning`` (block means).
+    The CameraInfo states the whole detector's K and size with that ``roi`` and binning, as the
+    message defines them. Returns (the read-out Frame, with the intrinsics its pixels have,
+    CameraInfo). ValueError for a ROI larger than the frame or not divisible by the binning.
+    """
+    from sensor_msgs.msg import RegionOfInterest
+
+    size = frame.image.shape[0]
+    start, side = readout_region(size, roi_size, binning)
+    crop = frame.image[start:start + side, start:start + side]
+    blocks = crop.astype(np.float64).reshape(side // binning, binning, side // binning,
+                                             binning).mean(axis=(1, 3))
+    image = (blocks.astype(frame.image.dtype) if np.issubdtype(frame.image.dtype, np.floating)
+             else np.round(blocks).astype(frame.image.dtype))
+    info = ros_io.intrinsics_to_camera_info(frame.intrinsics)
+    if side != size:
+        info.roi = RegionOfInterest(x_offset=start, y_offset=start, width=side, height=side)
+    if binning > 1:
+        info.binning_x = info.binning_y = int(binning)
+    intrinsics = ros_io.camera_info_to_intrinsics(info, frame.intrinsics.sdd_mm)
+    return Frame(image, intrinsics, frame.pose), info
+
+
 # per-frame step of a sequence: C-arm orbit (deg about the patient's long axis through the
 # bone centroid) or table shift (mm along that axis)
 MOTION_STEPS = {'rotation': 0.5, 'table_shift': 1.0}
@@ -117,9 +156,16 @@ class SimCarmConfig:
     """Simulated C-arm: frame pool, rate and topics."""
 
     ct_path: str = setting('example', "CT to render ('example' = embedded chest CT)")
-    size: int = setting(256, 'published image size (px, square)', limits=(16, 4096))
+    size: int = setting(256, 'detector size (px, square): the published image unless roi_size '
+                        'or binning reads out less', limits=(16, 4096))
     render_size: int = setting(256, 'render at most this size, then resize (px)',
                                limits=(16, 4096))
+    roi_size: int = setting(0, "centred square readout (detector px; 0: the whole detector), as "
+                            "a C-arm's zoom modes read out; CameraInfo states it as roi",
+                            limits=(0, 4096))
+    binning: int = setting(1, 'detector binning: each published pixel the mean of binning x '
+                           'binning detector pixels; CameraInfo states it as binning_x/y',
+                           limits=(1, 16))
     encoding: str = setting('mono16', 'image encoding', choices=image_io.WRITE_ENCODINGS)
     polarity: str = setting('bright_bone', 'image polarity (random: drawn per frame)',
                             choices=('bright_bone', 'dark_bone', 'random'))
@@ -158,14 +204,18 @@ class SimulatedCarm(Node):
         if config.image_transport == 'compressed' and config.encoding not in ros_io.PNG_ENCODINGS:
             raise ValueError(f'image_transport compressed publishes PNG: encoding must be one '
                              f'of {ros_io.PNG_ENCODINGS}, not {config.encoding!r}')
+        readout_region(config.size, config.roi_size, config.binning)  # refused before rendering
         if patient is None:
             from xray_ct_reg import ct
             patient = ct.load_patient(config.ct_path)
         poses = (read_poses(config.poses_file) if config.poses_file
                  else sample_poses(patient, config.pool_size, config.seed, config.motion))
         self.get_logger().info(f'rendering {len(poses)} frames at {config.size} px ...')
-        self.frames = render_frames(patient, poses, config.size, config.render_size,
-                                    config.encoding, config.seed, config.polarity)
+        readouts = [read_out(frame, config.roi_size, config.binning) for frame in render_frames(
+            patient, poses, config.size, config.render_size, config.encoding, config.seed,
+            config.polarity)]
+        self.frames = [frame for frame, _ in readouts]
+        """The frames as published: read-out image, the intrinsics its pixels have, true pose."""
         qos = (qos_profile_sensor_data if config.qos == 'sensor_data'
                else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
         message_type, suffix, _ = ros_io.IMAGE_TRANSPORTS[config.image_transport]
@@ -174,8 +224,8 @@ class SimulatedCarm(Node):
         self._pose_pub = self.create_publisher(PoseStamped, config.true_pose_topic, 10)
         self._messages = [(ros_io.array_to_compressed_image_msg(f.image)
                            if config.image_transport == 'compressed'
-                           else ros_io.array_to_image_msg(f.image, config.encoding),
-                           ros_io.intrinsics_to_camera_info(f.intrinsics)) for f in self.frames]
+                           else ros_io.array_to_image_msg(f.image, config.encoding), info)
+                          for f, info in readouts]
         self.published = 0
         self.published_stamps = {}
         """stamp (ns) -> index in ``frames`` of every frame published (with max_frames only)."""
