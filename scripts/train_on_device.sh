@@ -8,9 +8,12 @@
 #
 # Several network configurations (CONFIGS) can train side by side on the one GPU (each process is bound by
 # kernel launches, not by the GPU), so capacity and resolution are chosen by measurement. Each
-# writes OUT_DIR/<name>/model.pt, training_curves.png, training_log.json and model.state.pt
-# (resume with `xray-ct-reg train --patient ... --resume .../model.state.pt`). DEVICE=cpu and
-# small MINUTES/EPOCH_VIEWS give a smoke test on a machine without a GPU.
+# writes OUT_DIR/<name>/model.pt, training_curves.png, training_log.json, train.log and its
+# training state in parts, model.state.pt.part-NN (`cat` them into model.state.pt; resume with
+# `xray-ct-reg train --patient ... --resume .../model.state.pt`). A device call returns at most 8
+# files (16 MiB each, 64 MiB in all): with two CONFIGS, delete the curves and train.log under OUT
+# after the script (their ends are in its output). DEVICE=cpu and small MINUTES/EPOCH_VIEWS give
+# a smoke test on a machine without a GPU.
 #
 # One schedule over two device calls (each at most 10 minutes): STOP_AFTER ends a call early
 # while the learning-rate schedule runs over MINUTES; the state comes back in parts under 16 MiB
@@ -57,6 +60,7 @@ for config in $CONFIGS; do
   if [ -f "$state" ]; then
     rm -f "$state".part-*
     split -b 15M -d "$state" "$state.part-"
+    rm "$state"  # a device call would not return it (over 16 MiB), and it would take a file's place
   fi
 done
 exit $status
