@@ -29,7 +29,8 @@ started at the truth itself (``at_truth``: the most the gates can accept when th
 fail, with the gate that rejected each view); writes bench/results/heldout_family.json, a plot of
 the gate scores (the similarity, the sharpness and the drop along the flattest direction) against
 mTRE with each gate's threshold, bench/results/heldout_family.png, and a contact sheet of the
-views. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
+views. It also counts the views whose polarity (bright or dark bone) the refinement chose
+right. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
 between samples of one recipe), print the accepted count per seed, and add the seeds to the names
 of the files written.
 """
@@ -264,7 +265,10 @@ def _summary(records):
             'covariance_within_95': (float(np.mean(np.asarray(consistency) < CHI2_6DOF_95))
                                      if consistency else None),
             'estimate_mtre_p50_mm': float(np.nanmedian([r['mtre_mm'] for r in records]))
-            if records else None}
+            if records else None,
+            # the refinement's polarity (bright or dark bone) against the view's
+            'polarity_right': sum(r.get('polarity_right', False) for r in records),
+            'polarity_judged': sum('polarity_right' in r for r in records)}
 
 
 def _plot(records, path, similarity):
@@ -369,6 +373,8 @@ def main():
                     result.pose, case['pose'], result.covariance)
             if result.refinement is not None:
                 record.update(ncc=result.refinement.ncc_after,
+                              polarity_right=bool((result.refinement.polarity > 0) == (
+                                  case['recipe']['polarity'] == 'bright_bone')),
                               sharpness=result.refinement.sharpness,
                               weak_margin=result.refinement.weak_margin,
                               start_mtre_mm=geometry.mtre(result.scr_pose, case['pose'],
@@ -398,6 +404,15 @@ def main():
                 print(f"{mode} {group} covariance: squared Mahalanobis distance of the accepted "
                       f"errors, median {row['covariance_m2_p50']:.1f} (5.35 if calibrated), "
                       f"{row['covariance_within_95']:.0%} within the 95 % bound {CHI2_6DOF_95}")
+    for mode, data in report['modes'].items():
+        for group, row in data['groups'].items():
+            if row['polarity_judged']:
+                wrong = [f"{r['seed']}/{r['index']} ({'accepted' if r['accepted'] else 'rejected'})"
+                         for r in data['records'] if r['group'] == group
+                         and r.get('polarity_right') is False]
+                print(f"{mode} {group} polarity chosen right on {row['polarity_right']} of "
+                      f"{row['polarity_judged']}" + (f"; wrong: {', '.join(wrong)}" if wrong
+                                                     else ''))
     if len(args.seed) > 1:  # each seed's own sample: how much the figures move between them
         for mode, data in report['modes'].items():
             for group in groups:
