@@ -603,8 +603,11 @@ def test_register_cli_registers_every_frame_of_a_dicom_run(patient, tmp_path, ca
     assert [result['tracked'] for result in results] == [False, True, True]
     assert sorted(p.name for p in tmp_path.glob('o_*.png')) == ['o_000.png', 'o_001.png',
                                                                 'o_002.png']
-    run.SetMetaData(image_io.DICOM_FRAME_TIME_TAG, '3000')
+    run.SetMetaData(image_io.DICOM_FRAME_TIME_VECTOR_TAG, '0\\3000\\3000')
     sitk.WriteImage(run, str(tmp_path / 'slow.dcm'))
+    assert cli.main(argv[:1] + [str(tmp_path / 'slow.dcm')] + argv[2:7] + ['--frame', '1',
+                                                                           '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['accepted']  # one frame of a timed run
     params = tmp_path / 'tracking.yaml'
     params.write_text('/**:\n  ros__parameters:\n    tracking_max_age_s: 5.0\n')
     for extra, tracked in (([], [False, False, False]),

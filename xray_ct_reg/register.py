@@ -595,7 +595,8 @@ def run_register(args):
         images = image_io.read_images(args.image, args.frame)
         intrinsics, geometry_source = cli_intrinsics(args, images[0],
                                                      image_io.read_detector_tags(args.image))
-        times_s = image_io.read_frame_times(args.image, len(images))
+        times_s = (image_io.read_frame_times(args.image, len(images))
+                   if args.frame == image_io.ALL_FRAMES else None)
         if times_s is None:  # frames taken as tracking_max_age_s apart: only the one before
             times_s = [index * tracking.tracking_max_age_s for index in range(len(images))]
         patient = ct.load_patient(ct_path) if ct_path else None
