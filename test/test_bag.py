@@ -105,7 +105,7 @@ def test_replay_reports_bad_inputs_without_a_traceback(tmp_path, checkpoint, cap
     assert bag.run_bag_record_sim(args) == 2 and not (tmp_path / 'never').exists()
 
 
-def test_offline_replay_tracks_a_recorded_sequence_as_the_node_does(tmp_path):
+def test_offline_replay_tracks_a_recorded_sequence_as_the_node_does(tmp_path, capsys):
     """A recorded C-arm orbit, replayed offline, is tracked by the node's rule and settings.
 
     At 0.1 s a frame, each frame after the first starts from the last accepted pose; a parameter
@@ -129,6 +129,7 @@ def test_offline_replay_tracks_a_recorded_sequence_as_the_node_does(tmp_path):
                                       '--refine', '--out-json', str(out_json)] + extra)) == 0
         records = json.loads(out_json.read_text())['frames']
         assert [record['result']['tracked'] for record in records] == tracked
+        assert capsys.readouterr().out.count('accepted (tracked)') == sum(tracked)
         assert all(record['accepted'] and record['mtre_mm'] < 2.0 for record in records)
 
 

@@ -331,7 +331,8 @@ def run_replay(args):
             f"  dt {record['translation_error_mm']:.2f} mm" if 'translation_error_mm' in record
             else '')
         verdict = 'accepted' if record['accepted'] else f"rejected: {record['reason']}"
-        print(f"frame {record['index']:3d}  {verdict}{errors}")
+        tracked = ' (tracked)' if (record['result'] or {}).get('tracked') else ''
+        print(f"frame {record['index']:3d}  {verdict}{tracked}{errors}")
     summary = summarize_records(records)
     print(json.dumps(summary, indent=1))
     if args.out_json:
