@@ -172,8 +172,8 @@ def add_demo_arguments(parser):
     parser.add_argument('--out', default='runs/demo', help='folder for overlays and summary')
     parser.add_argument('--size', type=int, default=256, help='image size (px)')
     parser.add_argument('--rate', type=float, default=1.0,
-                        help='C-arm frame rate (Hz); a refined registration takes about 0.5 s '
-                             'here, a tracked one about 0.2 s (frames arriving meanwhile are '
+                        help='C-arm frame rate (Hz); a refined registration takes 0.3-0.6 s '
+                             'here, a tracked one 0.07-0.15 s (frames arriving meanwhile are '
                              'dropped: latest frame only)')
     parser.add_argument('--motion', default='none', choices=MOTIONS,
                         help='none: single shots of random views; rotation or table_shift: a '
