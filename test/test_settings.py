@@ -92,11 +92,11 @@ def test_cli_config_reads_the_node_yaml():
     parser.add_argument('--ct')
     parser.add_argument('--refine', action='store_true')
     settings.add_params_file_argument(parser)
-    config, ct_path = cli_config(parser.parse_args(['--params-file', str(PARAMS)]))
+    config, ct_path, _ = cli_config(parser.parse_args(['--params-file', str(PARAMS)]))
     node_values = settings.read_params_file(PARAMS)
     assert config.intensity_refine == node_values['intensity_refine']
     assert config.min_ncc == node_values['min_ncc'] and ct_path == node_values['ct_path']
-    config, ct_path = cli_config(parser.parse_args(['--ct', 'other.nii', '--refine']))
+    config, ct_path, _ = cli_config(parser.parse_args(['--ct', 'other.nii', '--refine']))
     assert config == RegistrationConfig(intensity_refine=True) and ct_path == 'other.nii'
 
 
@@ -111,5 +111,5 @@ def test_cli_config_refuses_a_parameter_the_node_does_not_have(tmp_path):
     with pytest.raises(ValueError, match='unknown parameter.*min_points'):
         cli_config(parser.parse_args(['--params-file', str(old)]))
     old.write_text('/**:\n  ros__parameters:\n    min_ncc: 0.6\n')
-    config, _ = cli_config(parser.parse_args(['--params-file', str(old)]))
+    config, _, _ = cli_config(parser.parse_args(['--params-file', str(old)]))
     assert config.min_ncc == 0.6

@@ -296,15 +296,14 @@ def summarize_records(records):
 def run_replay(args):
     """Replay a bag through the Registrar (or the node) and report per frame."""
     from xray_ct_reg import node as ros_node
-    from xray_ct_reg.register import Registrar, cli_config, cli_tracking_config
+    from xray_ct_reg.register import Registrar, cli_config
     model = args.model or ros_node.default_model_path()
     if not model:
         print('error: no model given and no committed models/chest_example.pt found',
               file=sys.stderr)
         return 2
     try:  # settings, CT, bag and checkpoint: a clear message, not a traceback
-        config, ct_path = cli_config(args)
-        tracking = cli_tracking_config(args)
+        config, ct_path, tracking = cli_config(args)
         if config.intensity_refine and not ct_path:
             raise ValueError('intensity refinement needs --ct (the CT the model was trained for)')
         patient = None

@@ -260,7 +260,7 @@ def add_evaluate_arguments(parser):
 def run_evaluate(args):
     """Evaluate a checkpoint and print the table; 1 on an unusable model or CT."""
     try:
-        config, ct_path = cli_config(args)
+        config, ct_path, _ = cli_config(args)
         report = evaluate(args.model, ct_path or 'example', args.n_per_group, args.seed, args.size,
                           config=config, intensity_refine=config.intensity_refine,
                           out_dir=args.out)

@@ -474,28 +474,20 @@ def cli_intrinsics(args, image, tags=None):
 
 
 def cli_config(args):
-    """(RegistrationConfig, CT path or None) of a CLI run: ``--params-file``, then the flags.
+    """(RegistrationConfig, CT path or None, NodeConfig) of a CLI run: ``--params-file``, flags.
 
     The parameter file is the node's (``config/registration.yaml``), so the CLI registers
-    exactly as the node would; ``--refine`` and ``--ct`` override it. ValueError for a bad file
-    or one that sets a parameter the node does not have.
+    exactly as the node would; ``--refine`` and ``--ct`` override it. The ``stream.NodeConfig``
+    gives the node's tracking rule to the CLI paths that track a sequence. ValueError for a bad
+    file or one that sets a parameter the node does not have.
     """
-    values = _params_file_values(args)
+    values = settings.checked_node_values(
+        settings.read_params_file(args.params_file)) if args.params_file else {}
     config = settings.build(RegistrationConfig, values)
     if args.refine:
         config = replace(config, intensity_refine=True)
-    return config, (args.ct or values.get('ct_path') or None)
-
-
-def cli_tracking_config(args):
-    """The node's settings (``stream.NodeConfig``) of ``--params-file``: its tracking rule."""
-    return settings.build(stream.NodeConfig, _params_file_values(args))
-
-
-def _params_file_values(args):
-    """The checked values of ``--params-file`` ({} without one); ValueError for a bad file."""
-    return settings.checked_node_values(
-        settings.read_params_file(args.params_file)) if args.params_file else {}
+    return (config, (args.ct or values.get('ct_path') or None),
+            settings.build(stream.NodeConfig, values))
 
 
 def _frame_argument(text):
@@ -585,13 +577,12 @@ def run_register(args):
     """
     from xray_ct_reg import ct
     try:
-        config, ct_path = cli_config(args)
+        config, ct_path, tracking = cli_config(args)
         if (args.overlay or config.intensity_refine) and not ct_path:
             raise ValueError('--overlay and intensity refinement need --ct (the CT the model was '
                              'trained for)')
         if args.overlay:
             _check_writable_image(args.overlay)
-        tracking = cli_tracking_config(args)
         images = image_io.read_images(args.image, args.frame)
         intrinsics, geometry_source = cli_intrinsics(args, images[0],
                                                      image_io.read_detector_tags(args.image))
