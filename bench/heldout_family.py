@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from xray_ct_reg import geometry, simulate, xray_physics  # noqa: E402
-from xray_ct_reg.evaluate import CHI2_6DOF_95  # noqa: E402
+from xray_ct_reg.evaluate import CHI2_6DOF_95, within_95  # noqa: E402
 
 GROUPS = ('full', 'local', 'extreme')
 # scr: SCR + PnP alone; refined: refinement from the SCR pose; near_truth / at_truth: the
@@ -262,8 +262,7 @@ def _summary(records):
             'accepted_over_10mm': sum(m > 10.0 for m in accepted),
             # the published covariance against the accepted errors (evaluate.summarize_records)
             'covariance_m2_p50': float(np.median(consistency)) if consistency else None,
-            'covariance_within_95': (float(np.mean(np.asarray(consistency) < CHI2_6DOF_95))
-                                     if consistency else None),
+            'covariance_within_95': within_95(consistency) if consistency else None,
             'estimate_mtre_p50_mm': float(np.nanmedian([r['mtre_mm'] for r in records]))
             if records else None,
             # the refinement's polarity (bright or dark bone) against the view's
