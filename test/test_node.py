@@ -797,10 +797,29 @@ def test_camera_info_pairs_in_either_order_and_with_jitter(harness, frames, untr
     assert message.startswith(f"active: last frame {values['last_verdict']}"), message
 
 
+def _spin_carm_until(rclpy_context, carm, listener, topics, received_enough):
+    """Wait until the C-arm matches ``listener`` on every topic, then spin both until enough.
+
+    Matched before the C-arm's timer first runs, so no frame is published to nobody.
+    """
+    from rclpy.executors import SingleThreadedExecutor
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    try:
+        deadline = time.monotonic() + 30.0
+        while any(carm.count_subscribers(topic) == 0 for topic in topics):
+            assert time.monotonic() < deadline, 'the listener was never matched'
+            time.sleep(0.05)
+        executor.add_node(carm)
+        executor.add_node(listener)
+        while not received_enough() and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        executor.shutdown()
+
+
 def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
         rclpy_context, patient):
     """image_transport compressed: PNG on image_topic/compressed, bit-exact over DDS."""
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -815,19 +834,12 @@ def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
     received = []
     listener.create_subscription(CompressedImage, '/carm/image_raw/compressed', received.append,
                                  QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
-    executor = SingleThreadedExecutor(context=rclpy_context)
     try:
         published = dict(carm.get_publisher_names_and_types_by_node(carm.get_name(), '/'))
         assert published['/carm/image_raw/compressed'] == ['sensor_msgs/msg/CompressedImage']
         assert '/carm/image_raw' not in published
-        deadline = time.monotonic() + 30.0  # matched before the C-arm's timer first runs
-        while carm.count_subscribers('/carm/image_raw/compressed') == 0:
-            assert time.monotonic() < deadline, 'the listener was never matched'
-            time.sleep(0.05)
-        executor.add_node(carm)
-        executor.add_node(listener)
-        while len(received) < 2 and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
+        _spin_carm_until(rclpy_context, carm, listener, ['/carm/image_raw/compressed'],
+                         lambda: len(received) >= 2)
         assert len(received) >= 2, f'{len(received)} compressed frames received'
         for message in received[:2]:
             index = carm.published_stamps[ros_io.stamp_to_ns(message.header.stamp)]
@@ -835,7 +847,6 @@ def test_simulated_carm_publishes_compressed_frames_that_decode_to_its_images(
             assert image.dtype == np.uint16 and message.format.startswith('mono16; png')
             assert np.array_equal(image, carm.frames[index].image)
     finally:
-        executor.shutdown()
         listener.destroy_node()
         carm.destroy_node()
     with pytest.raises(ValueError, match='image_transport compressed publishes PNG'):
@@ -851,7 +862,6 @@ def test_simulated_carm_reads_out_a_binned_zoom_that_registers_with_its_camera_i
     detector with that ROI and binning; the intrinsics the node derives from it register the
     image to the true pose. A readout the detector cannot give is refused before rendering.
     """
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -871,21 +881,12 @@ def test_simulated_carm_reads_out_a_binned_zoom_that_registers_with_its_camera_i
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     listener.create_subscription(Image, '/carm/image_raw', images.append, qos)
     listener.create_subscription(CameraInfo, '/carm/camera_info', infos.append, qos)
-    executor = SingleThreadedExecutor(context=rclpy_context)
     try:
-        deadline = time.monotonic() + 30.0  # matched before the C-arm's timer first runs
-        while (carm.count_subscribers('/carm/image_raw') == 0
-               or carm.count_subscribers('/carm/camera_info') == 0):
-            assert time.monotonic() < deadline, 'the listener was never matched'
-            time.sleep(0.05)
-        executor.add_node(carm)
-        executor.add_node(listener)
-        while (not images or not infos) and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
+        _spin_carm_until(rclpy_context, carm, listener, ['/carm/image_raw', '/carm/camera_info'],
+                         lambda: images and infos)
         assert images and infos, f'{len(images)} images, {len(infos)} CameraInfos received'
         image, info = ros_io.image_to_array(images[0]), infos[0]
     finally:
-        executor.shutdown()
         listener.destroy_node()
         carm.destroy_node()
     frame = carm.frames[0]
