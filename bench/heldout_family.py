@@ -19,7 +19,7 @@ other. Per view it draws:
 Nothing in training or in the gate thresholds was tuned on it. Run:
 
     .venv/bin/python bench/heldout_family.py [-n 8] [--refine-n 8] [--size 128] [--seed S [S ...]]
-        [--groups G [G ...]] [--modes M [M ...]]
+        [--groups G [G ...]] [--modes M [M ...]] [--params-file config/registration.yaml]
 
 It prints per group (full, local, extreme) the fraction accepted, accepted median / p95 mTRE,
 accepted gross failures and how the published covariance fits the accepted errors, for SCR only,
@@ -32,10 +32,12 @@ mTRE with each gate's threshold, bench/results/heldout_family.png, and a contact
 views. It also counts the views whose polarity (bright or dark bone) the refinement chose
 right. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
 between samples of one recipe), print the accepted count per seed, and add the seeds to the names
-of the files written.
+of the files written. ``--params-file`` measures the gates of a node parameter file (its name is
+added to the files written).
 """
 import argparse
 from collections import Counter
+from dataclasses import replace
 import json
 from pathlib import Path
 import re
@@ -47,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from xray_ct_reg import geometry, simulate, xray_physics  # noqa: E402
+from xray_ct_reg import geometry, settings, simulate, xray_physics  # noqa: E402
 from xray_ct_reg.evaluate import CHI2_6DOF_95, within_95  # noqa: E402
 
 GROUPS = ('full', 'local', 'extreme')
@@ -270,19 +272,17 @@ def _summary(records):
             'polarity_judged': sum('polarity_right' in r for r in records)}
 
 
-def _plot(records, path, similarity):
+def _plot(records, path, config):
     """Gate scores against mTRE, accepted and rejected, with each gate's threshold.
 
     Panels: the similarity at the refined pose, its sharpness (drop to the best axis probe) and
-    its drop along the flattest direction.
+    its drop along the flattest direction; ``config`` the refined run's RegistrationConfig.
     """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from xray_ct_reg.register import RegistrationConfig
-    config = RegistrationConfig()
-    panels = (('ncc', f'{similarity} at the refined pose', config.min_ncc),
+    panels = (('ncc', f'{config.similarity} at the refined pose', config.min_ncc),
               ('sharpness', 'sharpness (drop to the best axis probe)', config.min_sharpness),
               ('weak_margin', 'drop along the flattest direction', config.min_weak_sharpness))
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
@@ -318,23 +318,30 @@ def main():
                              'several: their views pooled, each seed its own sample)')
     parser.add_argument('--groups', nargs='+', default=list(GROUPS), choices=GROUPS,
                         help='view groups to render and measure (default: all)')
-    parser.add_argument('--similarity', default=RegistrationConfig.similarity,
-                        help='refine.SIMILARITIES name')
+    parser.add_argument('--similarity', default=None,
+                        help='refine.SIMILARITIES name (default: the parameter file\'s, else '
+                             f'{RegistrationConfig.similarity})')
+    settings.add_params_file_argument(parser)
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     args = parser.parse_args()
     patient = ct.load_patient('example')
     projector = xray_physics.MaterialProjector(patient.ct)
-    scr = Registrar.from_checkpoint(args.model, patient=patient)
+    config = settings.build(RegistrationConfig, settings.read_node_values(args.params_file))
+    if args.similarity is not None:
+        config = replace(config, similarity=args.similarity)
+    scr = Registrar.from_checkpoint(args.model, patient=patient,
+                                    config=replace(config, intensity_refine=False))
     refined = Registrar(scr.model, scr.metadata, patient=patient,
-                        config=RegistrationConfig(intensity_refine=True,
-                                                  similarity=args.similarity))
+                        config=replace(config, intensity_refine=True))
     groups = [group for group in GROUPS if group in args.groups]
     cases = [dict(case, seed=seed) for seed in args.seed for case in
              test_set(patient, projector, args.n_per_group, args.size, seed=seed, groups=groups)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ('' if args.similarity == RegistrationConfig.similarity else f'_{args.similarity}') + (
+    suffix = ('' if config.similarity == RegistrationConfig.similarity
+              else f'_{config.similarity}') + (
+        f'_{Path(args.params_file).stem}' if args.params_file else '') + (
         '' if args.seed == [SEED] else '_' + '_'.join(map(str, args.seed)))
     sheet = np.concatenate([np.concatenate([cv2.resize(
         (c['image'] / max(int(c['image'].max()), 1)).astype(np.float32), (96, 96))
@@ -387,7 +394,7 @@ def main():
             'records': records}
     refined_records = [record for mode in ('refined', 'near_truth') if mode in report['modes']
                        for record in report['modes'][mode]['records']]
-    _plot(refined_records, out / f'heldout_family{suffix}.png', args.similarity)
+    _plot(refined_records, out / f'heldout_family{suffix}.png', refined.config)
     print(f"\n{'mode':8} {'group':8} {'n':>3} {'acc':>4} {'acc p50':>8} {'acc p95':>8} "
           f"{'>10mm':>6} {'est p50':>8}")
     for mode, data in report['modes'].items():
@@ -426,7 +433,8 @@ def main():
             if row['rejected_by']:
                 print(f"{mode} {group} rejected by: " + ', '.join(
                     f'{gate} {count}' for gate, count in sorted(row['rejected_by'].items())))
-    report['similarity'] = args.similarity
+    report['similarity'] = config.similarity
+    report['params_file'] = args.params_file
     (out / f'heldout_family{suffix}.json').write_text(json.dumps(to_jsonable(report), indent=1))
     print(f'wrote {out}/heldout_family{suffix}.json and .png, heldout_family_views{suffix}.png')
 

@@ -481,8 +481,7 @@ def cli_config(args):
     gives the node's tracking rule to the CLI paths that track a sequence. ValueError for a bad
     file or one that sets a parameter the node does not have.
     """
-    values = settings.checked_node_values(
-        settings.read_params_file(args.params_file)) if args.params_file else {}
+    values = settings.read_node_values(args.params_file)
     config = settings.build(RegistrationConfig, values)
     if args.refine:
         config = replace(config, intensity_refine=True)

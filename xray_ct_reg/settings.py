@@ -235,6 +235,14 @@ def checked_node_values(values):
     return {name: check_value(known[name], value) for name, value in values.items()}
 
 
+def read_node_values(path):
+    """The checked values (:func:`checked_node_values`) of the node parameter file ``path``.
+
+    ``path`` None: no file, ``{}``. ValueError for a bad file or an unknown setting.
+    """
+    return checked_node_values(read_params_file(path)) if path else {}
+
+
 def run_params(args):
     """Print or write the node's parameter file, comments generated from the settings."""
     all_specs = node_specs()
