@@ -86,7 +86,10 @@ def test_refinement_recovers_a_perturbed_pose(patient, projectors, polarity, sim
     assert info.improved and info.ncc_after > info.ncc_before + 0.1
     assert info.polarity == (1.0 if polarity == 'bright_bone' else -1.0)
     assert info.depth_margin > 0.0  # converged: the similarity peaks along the beam
-    assert info.sharpness <= info.depth_margin
+    # ... and drops the more the farther along it: the sharpness judges depth at the farther
+    # probe, and is never more than that drop
+    assert info.depth_drop > info.depth_margin
+    assert info.sharpness <= info.depth_drop
     assert info.rival_margin > 0.0  # no restart along the beam ends at a better pose
     if similarity == RegistrationConfig.similarity:  # the gate's similarity: a sharp optimum
         assert info.sharpness >= RegistrationConfig().min_sharpness

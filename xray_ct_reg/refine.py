@@ -84,6 +84,17 @@ TRACKING_ITERATIONS = (1, 2, 0)
 # optical axis, which for a crop of the detector lies outside it), 3-5 rotate about imager x, y,
 # z. Depth is probed farther, being the weak direction.
 DEPTH_PROBE_MM = 10.0
+# The depth part of the sharpness is judged farther still. A move along the beam shifts the
+# image only by (distance from the focus of expansion) / depth of it: 10 mm moves features
+# 100 mm from the focus about 1.4 mm at 700 mm, a third of what the 4 mm probes across the beam
+# move them, so at 10 mm the 0.02 drop asked of every probe held true depths to a stricter
+# standard than the other axes (at the truth, depth failed the gates on 36 of 120 held-out full
+# views, the other axes on none). The depth offset stays bounded by the 10 mm probes: the
+# similarity must peak between them (``depth_margin`` > 0), which for a peak symmetric about
+# the true depth puts the pose within 5 mm of it. Measured on held-out full views
+# (bench/heldout_family.py): 46 -> 62 of 120 accepted (seeds 77031 4242 31337; 12 mm: 55,
+# 20 mm: 62) and 43 -> 48 of 120 (seeds 1111 2222 3333), none > 10 mm; own views 46 -> 49 of 60.
+DEPTH_SHARPNESS_PROBE_MM = 16.0
 SHARPNESS_PROBES = tuple((axis, sign * size) for axis, size in
                          ((0, 4.0), (1, 4.0), (2, DEPTH_PROBE_MM), (3, 5.0), (4, 5.0), (5, 5.0))
                          for sign in (-1.0, 1.0))
@@ -119,9 +130,11 @@ class RefineInfo:
     ncc_after: float = NAN            # similarity at the returned pose
     depth_margin: float = NAN         # how much the similarity drops DEPTH_PROBE_MM along the
                                       # beam, judged with features weighted towards where depth
-                                      # shows (``_expansion_weight``)
-    sharpness: float = NAN            # the least drop to a SHARPNESS_PROBES probe: ncc_after
-                                      # minus the best across the beam or turned, or depth_margin
+                                      # shows (``_expansion_weight``): > 0 where it peaks
+    depth_drop: float = NAN           # the same drop DEPTH_SHARPNESS_PROBE_MM along the beam
+    sharpness: float = NAN            # the least drop to a probe: ncc_after minus the best
+                                      # SHARPNESS_PROBES probe across the beam or turned, or
+                                      # depth_drop
     weak_margin: float = NAN          # ncc_after minus the best probe WEAK_PROBE along the
                                       # similarity's flattest direction (J^T J's weakest)
     rival_margin: float = math.inf    # ncc_after minus the best restart that ended elsewhere
@@ -630,16 +643,20 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     across = max(value for (axis, _), value in probes.items() if axis != 2)
     depth_judge = _Objective(finest.weighted(_expansion_weight(finest, beam_centre), measure),
                              refined, beam_centre, polarity, measure, clock, judge_renders)
-    depth_margin = depth_judge.similarity(zero) - max(
-        depth_judge.similarity(offset * basis[:, axis]) for axis, offset in SHARPNESS_PROBES
-        if axis == 2)
+    def drop_along_beam(distance):  # how much the depth judge drops ``distance`` either way
+        return depth_judge.similarity(zero) - max(
+            depth_judge.similarity(sign * distance * basis[:, 2]) for sign in (-1.0, 1.0))
+
+    depth_margin = drop_along_beam(DEPTH_PROBE_MM)
+    depth_drop = drop_along_beam(DEPTH_SHARPNESS_PROBE_MM)
     jacobian = _probe_jacobian(probe_residuals)
     weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     rivals = [] if near_start else _restarts(judge, frame[:, 2])
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=depth_margin,
+                         depth_drop=depth_drop,
                          rival_margin=final - max(rivals, default=-math.inf),
-                         sharpness=min(final - across, depth_margin), weak_margin=final - weak,
+                         sharpness=min(final - across, depth_drop), weak_margin=final - weak,
                          polarity=polarity, improved=improved,
                          covariance=_covariance(jacobian, final, basis,
                                                 (refined[:3, 3] - beam_centre).numpy()))

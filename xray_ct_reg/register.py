@@ -127,8 +127,10 @@ class RegistrationConfig:
         limits=(-1.0, 1.0), live=True)
     min_sharpness: float = setting(
         0.02, 'gate with intensity_refine: the refined pose must score this much above every '
-        'probe a few mm and degrees away (refine.SHARPNESS_PROBES); calibrated on the own and '
-        'the held-out appearance families (bench/refine.py)', limits=(0.0, 1.0), live=True)
+        'probe a few mm and degrees away across the beam or turned (refine.SHARPNESS_PROBES) '
+        'and refine.DEPTH_SHARPNESS_PROBE_MM along it; calibrated on the own and the held-out '
+        'appearance families (bench/refine.py, bench/heldout_family.py)', limits=(0.0, 1.0),
+        live=True)
     min_weak_sharpness: float = setting(
         0.005, 'gate with intensity_refine: the refined pose must score this much above two '
         'probes refine.WEAK_PROBE away along the direction the similarity is flattest in (from '
