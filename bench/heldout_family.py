@@ -33,7 +33,8 @@ views. It also counts the views whose polarity (bright or dark bone) the refinem
 right. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
 between samples of one recipe), print the accepted count per seed, and add the seeds to the names
 of the files written. ``--params-file`` measures the gates of a node parameter file (its name is
-added to the files written).
+added to the files written), and so are the groups when ``--groups`` leaves some out, so that
+runs of other groups on the same seeds do not overwrite each other's files.
 """
 import argparse
 from collections import Counter
@@ -342,6 +343,7 @@ def main():
     suffix = ('' if config.similarity == RegistrationConfig.similarity
               else f'_{config.similarity}') + (
         f'_{Path(args.params_file).stem}' if args.params_file else '') + (
+        '' if groups == list(GROUPS) else '_' + '_'.join(groups)) + (
         '' if args.seed == [SEED] else '_' + '_'.join(map(str, args.seed)))
     sheet = np.concatenate([np.concatenate([cv2.resize(
         (c['image'] / max(int(c['image'].max()), 1)).astype(np.float32), (96, 96))
