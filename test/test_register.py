@@ -159,7 +159,7 @@ def test_gates_reject_a_view_far_from_ap():
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
     config = RegistrationConfig()
-    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.03,
+    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.05,
                       weak_margin=0.01)
 
     def judge(pose=truth, **change):
@@ -176,9 +176,12 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
                              ({'rival_margin': -0.004}, 'better optimum elsewhere'),
                              ({'rival_margin': np.nan}, 'better optimum elsewhere'),
                              ({'exposed_fraction': 0.05}, 'anatomy'),
+                             ({'exposed_fraction': 0.25, 'ncc_after': 0.55}, 'evidence'),
                              ({'finished': False}, 'did not finish')]:
         accepted, why = judge(**change)
         assert not accepted and fragment in why, change
+    # the same similarity over twice the field is evidence enough
+    assert judge(exposed_fraction=0.5, ncc_after=0.55) == (True, '')
     accepted, why = judge(geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth))
     assert not accepted and 'distance' in why
 

@@ -6,12 +6,15 @@
 * ``quality_gates`` (SCR only): the correspondences support the PnP pose (inlier count, ratio,
   spread over the image, reprojection error), then ``pose_gates``;
 * ``intensity_gates`` (with refinement): the refinement finished its schedule, enough of the
-  image is exposed, X-ray and DRR reach a floor of similarity, peak in depth, form a sharp
-  optimum and no restart found a better one, then ``pose_gates``.
+  image is exposed, X-ray and DRR reach a floor of similarity (higher for a smaller exposed
+  field), peak in depth, form a sharp optimum and no restart found a better one, then
+  ``pose_gates``.
 
 ``config`` is a ``register.RegistrationConfig``; pixel values are at its reference detector.
 A pose failing any gate is never published.
 """
+import math
+
 import numpy as np
 
 from xray_ct_reg import geometry, refine
@@ -96,7 +99,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
 
     ``refine_info`` is the ``refine.RefineInfo`` of the refinement. Checks that it finished its
     fixed schedule within the time budget (a truncated one is never used), the exposed fraction
-    of the image, a floor on the similarity at the refined pose, that the similarity peaks there
+    of the image, a floor on the similarity at the refined pose and one that rises as the
+    exposed field shrinks (``min_similarity_evidence``), that the similarity peaks there
     along the beam (the weak direction of one view: a pose still climbing in depth is
     unconverged), that the optimum is sharp: higher than every probe around it by
     ``min_sharpness`` (relative evidence, which transfers across appearance where the
@@ -114,6 +118,12 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     if not refine_info.ncc_after >= config.min_ncc:
         return False, (f'X-ray and DRR disagree: {config.similarity} '
                        f'{refine_info.ncc_after:.3f} < {config.min_ncc:.3f}')
+    evidence = refine_info.ncc_after * math.sqrt(exposed)
+    if not evidence >= config.min_similarity_evidence:
+        return False, (f'too little evidence for the field shown: {config.similarity} '
+                       f'{refine_info.ncc_after:.3f} over {exposed:.2f} of the image (similarity x '
+                       f'sqrt(exposed fraction) {evidence:.3f} < '
+                       f'{config.min_similarity_evidence:.3f})')
     if not refine_info.depth_margin > 0.0:
         return False, ('depth along the beam not converged: the similarity still rises '
                        f'{refine.DEPTH_PROBE_MM:.0f} mm towards or away from the source')

@@ -6,11 +6,12 @@ correlation, or NCC of the intensities) between the X-ray and a DRR rendered wit
 Levenberg-Marquardt. Each similarity is a mean of dot products of unit feature vectors
 (``FEATURES``), so maximising one is least squares on the feature residual
 (``|f(DRR) - f(X-ray)|^2 = 2 - 2 * similarity``); its Jacobian over the 6 parameters comes from
-forward differences (6 extra renders, no autograd) and is then carried along by Broyden updates
-for a few iterations. The perturbation rotates about a centre point in the middle of the
-anatomy in view (the bone centroid, or for a crop of the detector that does not show it, a point
-at its depth on the ray through the exposed pixels) so that rotation and translation are
-decoupled there: ``p' = exp([dr]) (p - c) + c + dt`` in
+finite differences (no autograd: forward ones at the coarse level, central ones at the 64 px
+levels, which also stretch a good step along the cost's narrow ridges: ``LEVEL_FOLLOW_RIDGES``)
+and is then carried along by Broyden updates for a few iterations. The perturbation rotates
+about a centre point in the middle of the anatomy in view (the bone centroid, or for a crop of
+the detector that does not show it, a point at its depth on the ray through the exposed pixels)
+so that rotation and translation are decoupled there: ``p' = exp([dr]) (p - c) + c + dt`` in
 the imager frame, with ``dr`` scaled by ``RADIUS_MM`` so one unit of either parameter moves the
 bone by about a millimetre. Each level renders from a volume of its voxel size (coarser at the
 coarser level, resampled once per CT). The levels (``LEVEL_SIZES_PX``): 32 px blurred for a
@@ -52,7 +53,7 @@ from xray_ct_reg.appearance import gaussian_blur
 NAN = float('nan')
 # Lever arm (mm) that turns rotation parameters into millimetre-like units.
 RADIUS_MM = 100.0
-# Levenberg-Marquardt: forward-difference step per parameter (mm-like units), start damping,
+# Levenberg-Marquardt: finite-difference step per parameter (mm-like units), start damping,
 # the largest step (mm-like units) and the damping tries per iteration.
 JACOBIAN_STEP = 0.5
 LM_DAMPING = 1e-3
@@ -60,6 +61,9 @@ LM_MAX_STEP = 20.0
 LM_TRIES = 3
 # Iterations a Jacobian serves (kept current by Broyden updates) before it is recomputed.
 JACOBIAN_REFRESH = 3
+# At a level that follows ridges (``LEVEL_FOLLOW_RIDGES``), the most times a step that lowered
+# the cost is doubled while the cost keeps falling.
+LM_EXTRAPOLATIONS = 4
 # Along the beam is the weakest direction of a single view. After the levels, the pose is
 # searched at these offsets (mm) along the beam and polished with POLISH_ITERATIONS at the finest
 # level.
@@ -266,6 +270,15 @@ LEVEL_SLAB_SLICES = (2, 2, 2)
 # 20 full views: own views median 1.0 -> 0.3 mm, held-out family 10.0 -> 5.1 mm, against the
 # former two levels (1.5, 0.0 px).
 LEVEL_BLUR_PX = (1.5, 0.7, 0.0)
+# Per level: whether LM follows the narrow ridges of the cost (a tilt traded for depth, in one
+# view) with a Jacobian by central differences and steps stretched along (``LM_EXTRAPOLATIONS``).
+# Forward differences are biased by the cost's curvature across the ridge, which outweighs its
+# small slope along it: held-out local view 31337/10 stalled 19.9 mm off with the truth uphill
+# all the way. And where the residual is large, Gauss-Newton overrates the curvature along the
+# ridge: on held-out full view 31337/8 the cost kept falling out to 16 times its step. The
+# coarse level's job is the basin, not the optimum: given these steps it walked to poses over
+# 100 mm off on held-out views, two of them accepted (docs/REFINEMENT_EXPERIMENTS.md).
+LEVEL_FOLLOW_RIDGES = (False, True, True)
 
 
 def similarity(name, a, b, mask=None):
@@ -319,6 +332,7 @@ class _Level:
     intrinsics: geometry.Intrinsics
     exposed: torch.Tensor
     blur_px: float
+    follow_ridges: bool = False                 # LM steps here as LEVEL_FOLLOW_RIDGES says
     target_features: list = None
     xray: torch.Tensor | None = None            # the X-ray at this level (before any blur)
     feature_weight: torch.Tensor | None = None  # per-pixel feature amplitudes (None: 1)
@@ -348,7 +362,8 @@ class _Level:
         return level
 
 
-def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
+def _make_level(projector, image, mask, intrinsics, size, measure, blur_px,
+                follow_ridges=False):
     """The X-ray at a level whose longer side is ``size`` px, as a :class:`_Level`.
 
     A level pixel counts as exposed only when every input pixel under it is.
@@ -357,7 +372,7 @@ def _make_level(projector, image, mask, intrinsics, size, measure, blur_px):
     small, small_intrinsics = model.resize_for_network(image, intrinsics, level_size)
     small_mask, _ = model.resize_for_network(mask.astype(np.float32), intrinsics, level_size)
     level = _Level(projector, small_intrinsics, torch.from_numpy(small_mask > 0.999), blur_px,
-                   xray=torch.from_numpy(small.astype(np.float64)))
+                   follow_ridges, xray=torch.from_numpy(small.astype(np.float64)))
     level.target_features = level.features(level.xray, measure)
     return level
 
@@ -411,23 +426,33 @@ class _Clock:
         self.renders += 1
 
 
-def _forward_jacobian(objective, delta, residual):
-    """Jacobian of the residual over the 6 parameters by forward differences (6 renders)."""
+def _jacobian(objective, delta, residual):
+    """Jacobian of the residual over the 6 parameters at ``delta`` (``residual`` there).
+
+    By central differences (12 renders) at a level that follows ridges, else by forward
+    differences (6 renders).
+    """
     columns = []
     for axis in range(6):
-        shifted = delta.clone()
-        shifted[axis] += JACOBIAN_STEP
-        columns.append((objective.residual(shifted) - residual) / JACOBIAN_STEP)
+        step = torch.zeros_like(delta)
+        step[axis] = JACOBIAN_STEP
+        if objective.level.follow_ridges:
+            columns.append((objective.residual(delta + step) - objective.residual(delta - step))
+                           / (2.0 * JACOBIAN_STEP))
+        else:
+            columns.append((objective.residual(delta + step) - residual) / JACOBIAN_STEP)
     return torch.stack(columns, dim=1)
 
 
 def _levenberg_marquardt(objective, delta, iterations):
     """``iterations`` LM iterations from ``delta``; returns (delta, cost = |r|^2).
 
-    The Jacobian comes from forward differences and is then kept up to date by Broyden's
-    rank-one update after each accepted step, for at most ``JACOBIAN_REFRESH`` iterations or
-    until a stale one fails to lower the cost. Damping on the diagonal of J^T J, at most
-    ``LM_TRIES`` damped solves per iteration, steps capped at ``LM_MAX_STEP``. It stops early
+    The Jacobian comes from finite differences (``_jacobian``) and is then kept up to date by
+    Broyden's rank-one update after each accepted step, for at most ``JACOBIAN_REFRESH``
+    iterations or until a stale one fails to lower the cost. Damping on the diagonal of J^T J,
+    at most ``LM_TRIES`` damped solves per iteration, steps capped at ``LM_MAX_STEP``. At a
+    level that follows ridges, a step that lowered the cost is doubled while that lowers it
+    further (at most ``LM_EXTRAPOLATIONS`` times, within the cap). It stops early
     only when no try lowers the cost with a fresh Jacobian (the same input always takes the
     same path).
     """
@@ -438,7 +463,7 @@ def _levenberg_marquardt(objective, delta, iterations):
     for _ in range(iterations):
         objective.clock.iterations += 1
         if jacobian is None or age >= JACOBIAN_REFRESH:
-            jacobian, age = _forward_jacobian(objective, delta, residual), 0
+            jacobian, age = _jacobian(objective, delta, residual), 0
         normal = jacobian.T @ jacobian
         gradient = jacobian.T @ residual
         for _ in range(LM_TRIES):
@@ -449,6 +474,9 @@ def _levenberg_marquardt(objective, delta, iterations):
             trial = objective.residual(delta + step)
             trial_cost = float(trial @ trial)
             if trial_cost < cost:
+                if objective.level.follow_ridges:
+                    step, trial, trial_cost = _stretched(objective, delta, step, trial,
+                                                         trial_cost)
                 jacobian = jacobian + torch.outer(trial - residual - jacobian @ step,
                                                   step) / float(step @ step)
                 delta, residual, cost = delta + step, trial, trial_cost
@@ -461,6 +489,20 @@ def _levenberg_marquardt(objective, delta, iterations):
                 break
             jacobian = None  # a stale Jacobian failed: a fresh one next iteration
     return delta, cost
+
+
+def _stretched(objective, delta, step, residual, cost):
+    """(step, residual, cost) after doubling ``step`` from ``delta`` while the cost falls."""
+    for _ in range(LM_EXTRAPOLATIONS):
+        longer = 2.0 * step
+        if float(longer.norm()) > LM_MAX_STEP:
+            break
+        further = objective.residual(delta + longer)
+        further_cost = float(further @ further)
+        if further_cost >= cost:
+            break
+        step, residual, cost = longer, further, further_cost
+    return step, residual, cost
 
 
 def _along_beam(pose, centre_imager, offset_mm):
@@ -529,8 +571,9 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     ``levels`` are the longer image sides (px) of the levels, ``iterations`` the LM iterations
     per level, ``blur_px`` the Gaussian blur (px) of both images per level (default: the last
     values of ``LEVEL_BLUR_PX``; beyond its length, its first value and an unblurred finest
-    level). The rotation centre is ``centre_ct`` (CT mm) when it projects into the image,
-    else on the ray through the middle of the exposed pixels at its depth (``_view_centre``).
+    level); ``LEVEL_FOLLOW_RIDGES`` is read the same way. The rotation centre is ``centre_ct``
+    (CT mm) when it projects into the image, else on the ray through the middle of the exposed
+    pixels at its depth (``_view_centre``).
     ``similarity`` names the measure maximised and reported (FEATURES; the
     ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
     polarity is the similarity's sign at the start and there is no depth line search.
@@ -560,11 +603,12 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
     finest_image, finest_input, mask = _finest_input(image, intrinsics, levels[-1])
     centre_imager = torch.as_tensor(_view_centre(pose, centre_ct, mask, finest_input))
     if blurs is None:
-        blurs = LEVEL_BLUR_PX[-len(levels):] if len(levels) <= len(LEVEL_BLUR_PX) else (
-            (LEVEL_BLUR_PX[0],) * (len(levels) - 1) + (0.0,))
+        blurs = _per_level(LEVEL_BLUR_PX, len(levels))
     targets = [_make_level(level_projector, finest_image, mask, finest_input, size, similarity,
-                           blur)
-               for level_projector, size, blur in zip(projectors, levels, blurs, strict=True)]
+                           blur, follow)
+               for level_projector, size, blur, follow in zip(
+                   projectors, levels, blurs, _per_level(LEVEL_FOLLOW_RIDGES, len(levels)),
+                   strict=True)]
     info = RefineInfo(exposed_fraction=float(targets[-1].exposed.double().mean()))
     refined = pose0
     if targets[-1].exposed.sum() >= 16:  # else: nothing to compare, the start pose is returned
@@ -575,6 +619,17 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
         except BudgetExceeded:
             info.finished = False
     return refined, info, clock
+
+
+def _per_level(table, count):
+    """A per-level setting for ``count`` levels, from one per level of the default schedule.
+
+    ``table``'s last ``count`` values; beyond its length, its first value for all but the
+    finest level, which takes its last.
+    """
+    if count <= len(table):
+        return tuple(table[len(table) - count:])
+    return (table[0],) * (count - 1) + (table[-1],)
 
 
 def _finest_input(image, intrinsics, size):

@@ -126,16 +126,23 @@ class RegistrationConfig:
         'refined pose (a floor: its level does not transfer across appearance)',
         limits=(-1.0, 1.0), live=True)
     min_sharpness: float = setting(
-        0.02, 'gate with intensity_refine: the refined pose must score this much above every '
+        0.035, 'gate with intensity_refine: the refined pose must score this much above every '
         'probe a few mm and degrees away across the beam or turned (refine.SHARPNESS_PROBES) '
         'and refine.DEPTH_SHARPNESS_PROBE_MM along it; calibrated on the own and the held-out '
-        'appearance families (bench/refine.py, bench/heldout_family.py)', limits=(0.0, 1.0),
-        live=True)
+        'appearance families (bench/accuracy.py, bench/heldout_family.py; '
+        'docs/REFINEMENT_EXPERIMENTS.md)', limits=(0.0, 1.0), live=True)
     min_weak_sharpness: float = setting(
         0.005, 'gate with intensity_refine: the refined pose must score this much above two '
         'probes refine.WEAK_PROBE away along the direction the similarity is flattest in (from '
         'its curvature; depth with a tilt, mostly), where a wrong pose can look sharp on every '
         'axis; calibrated on own views (bench/accuracy.py, bench/depth_bias.py)',
+        limits=(0.0, 1.0), live=True)
+    min_similarity_evidence: float = setting(
+        0.3, 'gate with intensity_refine: minimum of the similarity at the refined pose times the '
+        'square root of the exposed fraction: what unrelated images score, and so a wrong '
+        'optimum, spreads as one over the square root of the pixels compared, so a small field '
+        'needs a higher similarity; calibrated on the held-out appearance family '
+        '(bench/heldout_family.py; docs/REFINEMENT_EXPERIMENTS.md); 0: off',
         limits=(0.0, 1.0), live=True)
     min_exposed_fraction: float = setting(
         0.2, 'gate with intensity_refine: minimum fraction of the image that shows anatomy (not '
