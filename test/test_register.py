@@ -173,8 +173,9 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
                              ({'sharpness': np.nan}, 'no sharp optimum'),
                              ({'weak_margin': 0.004}, 'flattest direction'),
                              ({'weak_margin': np.nan}, 'flattest direction'),
-                             ({'rival_margin': -0.004}, 'better optimum elsewhere'),
-                             ({'rival_margin': np.nan}, 'better optimum elsewhere'),
+                             ({'rival_margin': -0.004}, 'optimum as good elsewhere'),
+                             ({'rival_margin': 0.003}, 'optimum as good elsewhere'),
+                             ({'rival_margin': np.nan}, 'optimum as good elsewhere'),
                              ({'exposed_fraction': 0.05}, 'anatomy'),
                              ({'exposed_fraction': 0.25, 'ncc_after': 0.55}, 'evidence'),
                              ({'finished': False}, 'did not finish')]:

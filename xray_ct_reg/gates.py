@@ -7,7 +7,7 @@
   spread over the image, reprojection error), then ``pose_gates``;
 * ``intensity_gates`` (with refinement): the refinement finished its schedule, enough of the
   image is exposed, X-ray and DRR reach a floor of similarity (higher for a smaller exposed
-  field), peak in depth, form a sharp optimum and no restart found a better one, then
+  field), peak in depth, form a sharp optimum and no restart found one nearly as good, then
   ``pose_gates``.
 
 ``config`` is a ``register.RegistrationConfig``; pixel values are at its reference detector.
@@ -105,8 +105,9 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     unconverged), that the optimum is sharp: higher than every probe around it by
     ``min_sharpness`` (relative evidence, which transfers across appearance where the
     similarity's level does not) and along its flattest direction by ``min_weak_sharpness``,
-    and that no restart along the beam found a better one
-    elsewhere (``rival_margin``), then ``pose_gates``.
+    and that every restart along the beam that ended elsewhere (``rival_margin``) scores lower
+    by that margin too (a restart is a probe along the weak direction, carried on to its own
+    optimum: one nearly as good leaves the pose undetermined), then ``pose_gates``.
     """
     if not refine_info.finished:
         return False, (f'intensity refinement did not finish within its time budget '
@@ -134,8 +135,9 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
         return False, (f'no sharp optimum along its flattest direction: a probe '
                        f'{refine.WEAK_PROBE:.0f} mm-like units along it scores within '
                        f'{refine_info.weak_margin:.3f} < {config.min_weak_sharpness:.3f}')
-    if not refine_info.rival_margin > 0.0:
-        return False, (f'a better optimum elsewhere: a restart '
+    if not refine_info.rival_margin >= config.min_weak_sharpness:
+        return False, (f'an optimum as good elsewhere: a restart '
                        f'{max(refine.RESTART_DEPTHS_MM):.0f} mm along the beam ended at a pose '
-                       f'scoring {-refine_info.rival_margin:.3f} higher')
+                       f'scoring within {refine_info.rival_margin:.3f} < '
+                       f'{config.min_weak_sharpness:.3f} of it')
     return pose_gates(pose, intrinsics, bone_centroid, config)
