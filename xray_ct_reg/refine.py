@@ -37,7 +37,7 @@ of expansion (``_expansion_weight``): moving along the beam scales the image abo
 middle of the image, which does not move, would otherwise dilute the drop (on the held-out
 family's blurred, scattered appearance the plain drop 10 mm away was a third of our own views').
 Probes see only the neighbourhood, so short restarts along the beam on either side check that
-no better optimum lies a little farther (``RefineInfo.rival_margin``).
+no optimum as good lies a little farther (``RefineInfo.rival_margin``).
 """
 from dataclasses import dataclass, replace
 import math
@@ -71,8 +71,9 @@ DEPTH_SEARCH_MM = (-24.0, -12.0, 0.0, 12.0, 24.0)
 POLISH_ITERATIONS = 2
 # Consistency across starts: after the schedule, short refinements restart this far (mm) along
 # the beam on either side and run RESTART_ITERATIONS at the finest level. One that ends more
-# than RIVAL_DISTANCE (mm-like units) away with a higher similarity is a better optimum the
-# search missed (``RefineInfo.rival_margin``); the sharpness probes only see the neighbourhood.
+# than RIVAL_DISTANCE (mm-like units) away is a rival optimum (``RefineInfo.rival_margin``):
+# the gates ask the pose to beat it by ``min_weak_sharpness``, as they ask of the probes along
+# the flattest direction; the sharpness probes only see the neighbourhood.
 RESTART_DEPTHS_MM = (-12.0, 12.0)
 RESTART_ITERATIONS = 4
 RIVAL_DISTANCE = 5.0
