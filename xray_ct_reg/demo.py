@@ -239,16 +239,19 @@ def run_demo(args):
         deadline = time.monotonic() + args.frames / args.rate + TIMEOUT_S
 
         def finished():
-            """Every frame published and judged, and every accepted one's TF received."""
+            """Every frame published and settled, and every accepted one's TF received."""
             with verdicts_lock:
                 judged_now = dict(verdicts)
-            judged = set(judged_now) | set(listener.poses)
+            published = set(sim.published_stamps)
             accepted = {stamp for stamp, (verdict, _, _) in judged_now.items()
                         if verdict == 'accepted'}
-            return (sim.published >= args.frames and set(sim.published_stamps) <= judged
+            return (sim.published >= args.frames
+                    and published <= settled_stamps(published, set(judged_now) | set(
+                        listener.poses))
                     and accepted <= set(listener.poses))
         while time.monotonic() < deadline and not finished():
             executor.spin_once(timeout_sec=0.1)
+        timed_out = not finished()
         stats = node.stats()
     finally:
         executor.shutdown()
@@ -258,7 +261,18 @@ def run_demo(args):
                     node.stop()
                 each.destroy_node()
         rclpy.shutdown(context=context)
-    return _report(sim, listener, verdicts, stats, patient, out, draw_overlay)
+    return _report(sim, listener, verdicts, stats, patient, out, draw_overlay, timed_out)
+
+
+def settled_stamps(published, judged):
+    """The ``published`` stamps that will get no further verdict: ``judged``, or dropped.
+
+    The node registers only the latest frame, and the simulated C-arm stamps its frames in
+    order: a frame published before one the node judged was judged too or dropped unseen.
+    """
+    newest = max(judged, default=None)
+    return {stamp for stamp in published
+            if stamp in judged or (newest is not None and stamp < newest)}
 
 
 def message_rate_hz(arrivals_ns):
@@ -274,8 +288,11 @@ def _hz(rate):
     return '-' if math.isnan(rate) else f'{rate:.1f} Hz'
 
 
-def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
-    """Print the per-frame table and summary; write overlays and summary.json."""
+def _report(sim, listener, verdicts, stats, patient, out, draw_overlay, timed_out):
+    """Print the per-frame table and summary; write overlays and summary.json.
+
+    ``timed_out``: the demo stopped waiting before every frame was settled.
+    """
     import cv2
 
     from xray_ct_reg.register import to_jsonable
@@ -308,7 +325,7 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
                'mtre_mm': geometry.summarize_mtre(mtres),
                'latency_ms': geometry.summarize(latencies), 'tf_rate_hz': tf_rate,
                'tracking_tf_rate_hz': tracking_rate,
-               'tracked': int(stats.get('tracked', 0)), 'node': stats}
+               'tracked': int(stats.get('tracked', 0)), 'timed_out': timed_out, 'node': stats}
     print('\nsummary')
     print(f"  accepted            {summary['accepted']}/{summary['frames']}")
     print(f"  mTRE p25/p50/p95    {summary['mtre_mm']['p25']:.2f} / "
@@ -321,6 +338,9 @@ def _report(sim, listener, verdicts, stats, patient, out, draw_overlay):
     print(f"  TF rate tracking    {_hz(tracking_rate)} (first to last TF of a tracked frame, "
           f"any fallback between them included)")
     print(f'  overlays            {out}/overlay_*.png')
+    if timed_out:
+        print(f'  timed out           stopped waiting {TIMEOUT_S:.0f} s after the last frame was '
+              'due: some frames have no verdict or their TF never arrived')
     with open(out / 'summary.json', 'w') as handle:
         # NaN (no rate, no accepted frame) becomes null: strict JSON readers refuse NaN
         json.dump(to_jsonable({'rows': rows, 'summary': summary}), handle, indent=1,
