@@ -14,7 +14,7 @@ mTRE. (A refinement that finds nothing better than its start returns the start: 
 A second table profiles the finest level's similarity along the beam through the truth
 (``refine.depth_profile``, every PROFILE_STEP_MM to ±PROFILE_HALF_WIDTH_MM): where it peaks, and
 how much it drops 10 mm away, plainly and as the gates' depth probe judges it (features weighted
-by the distance from the focus of expansion; it must drop by ``min_sharpness``);
+by the distance from the focus of expansion; its floor is ``min_depth_sharpness``);
 bench/results/depth_profile.png plots the median plain profile of each set.
 
     .venv/bin/python bench/depth_bias.py [-n 8]
@@ -84,7 +84,7 @@ def peak_offset(offsets, values):
     return float(offsets[best])
 
 
-def profile_row(name, cases, projector, centre_ct, min_sharpness):
+def profile_row(name, cases, projector, centre_ct, depth_floor):
     """The depth profiles of one set of views: peak offsets, drops 10 mm away, median profile."""
     offsets = np.arange(-PROFILE_HALF_WIDTH_MM, PROFILE_HALF_WIDTH_MM + 1e-9, PROFILE_STEP_MM)
     probes = [int(np.argmin(np.abs(offsets - sign * refine.DEPTH_PROBE_MM)))
@@ -103,13 +103,13 @@ def profile_row(name, cases, projector, centre_ct, min_sharpness):
             'peak_mm': peaks, 'abs_peak_p50_mm': float(np.median(np.abs(peaks))),
             'peaks_within_step': int(np.sum(np.abs(peaks) <= PROFILE_STEP_MM)),
             'drop_10mm': drops.tolist(), 'drop_10mm_p50': float(np.median(drops)),
-            'drops_passing_gate': int(np.sum(drops >= min_sharpness)),
+            'drops_passing_gate': int(np.sum(drops >= depth_floor)),
             'gate_drop_10mm': gate_drops.tolist(),
             'gate_drop_10mm_p50': float(np.median(gate_drops)),
-            'gate_drops_passing_gate': int(np.sum(gate_drops >= min_sharpness))}
+            'gate_drops_passing_gate': int(np.sum(gate_drops >= depth_floor))}
 
 
-def plot_profiles(rows, path, min_sharpness):
+def plot_profiles(rows, path, depth_floor):
     """Median similarity along the beam (relative to the truth's) per set of views."""
     import matplotlib
     matplotlib.use('Agg')
@@ -119,8 +119,9 @@ def plot_profiles(rows, path, min_sharpness):
         bold = row['views'] in ('own', 'held-out', 'held-out, physics only')
         axis.plot(row['offsets_mm'], row['median_profile'], linewidth=2.0 if bold else 0.8,
                   alpha=1.0 if bold else 0.6, label=row['views'])
-    axis.axhline(-min_sharpness, color='grey', linestyle=':',
-                 label=f'gate: a probe {refine.DEPTH_PROBE_MM:.0f} mm away must be this far down')
+    axis.axhline(-depth_floor, color='grey', linestyle=':',
+                 label=f'depth floor of the gates (asked {refine.DEPTH_SHARPNESS_PROBE_MM:.0f} mm '
+                       'away, expansion-weighted)')
     axis.set_xlabel('offset along the beam from the true pose (mm)')
     axis.set_ylabel('similarity minus its value at the truth (median)')
     axis.set_title('finest level (64 px): how sharply the similarity peaks in depth')
@@ -140,7 +141,7 @@ def main():
     projectors = refine.level_projectors(patient.ct)
     centre = np.reshape(patient.bone_centroid, (1, 3))
     rows, profiles = [], []
-    min_sharpness = RegistrationConfig().min_sharpness
+    depth_floor = RegistrationConfig().min_depth_sharpness
     print(f"{'views':40s} {'refinement':14s} {'n':>3s} {'|depth| p50':>11s} {'mean':>6s} "
           f"{'across p50':>10s} {'mTRE p50':>8s}")
     for name, cases in view_sets(patient, args.n):
@@ -166,10 +167,10 @@ def main():
                   f"{row['abs_depth_mean_mm']:6.1f} {row['across_p50_mm']:10.1f} "
                   f"{row['mtre_p50_mm']:8.1f}", flush=True)
         profiles.append(profile_row(name, cases, projectors[-1], patient.bone_centroid,
-                                    min_sharpness))
+                                    depth_floor))
     print(f"\n{'views':40s} {'n':>3s} {'|peak| p50':>10s} {f'peak <= {PROFILE_STEP_MM:g}':>11s} "
-          f"{'drop 10mm p50':>13s} {f'drop >= {min_sharpness:g}':>12s} {'gate drop p50':>13s} "
-          f"{f'gate >= {min_sharpness:g}':>12s}")
+          f"{'drop 10mm p50':>13s} {f'drop >= {depth_floor:g}':>12s} {'gate drop p50':>13s} "
+          f"{f'gate >= {depth_floor:g}':>12s}")
     for row in profiles:
         print(f"{row['views']:40s} {row['n']:3d} {row['abs_peak_p50_mm']:10.1f} "
               f"{row['peaks_within_step']:11d} {row['drop_10mm_p50']:13.3f} "
@@ -180,7 +181,7 @@ def main():
     (out / 'depth_bias.json').write_text(json.dumps(
         {'n_per_group': args.n, 'groups': GROUPS, 'seed': SEED, 'rows': rows,
          'profiles': profiles}, indent=1))
-    plot_profiles(profiles, out / 'depth_profile.png', min_sharpness)
+    plot_profiles(profiles, out / 'depth_profile.png', depth_floor)
     print(f"wrote {out / 'depth_bias.json'} and depth_profile.png")
 
 

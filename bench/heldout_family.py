@@ -27,14 +27,14 @@ with intensity refinement from the SCR pose, with the refinement alone started 5
 from the truth (the similarity and its gate on this appearance, apart from the network), and
 started at the truth itself (``at_truth``: the most the gates can accept when the search cannot
 fail, with the gate that rejected each view); writes bench/results/heldout_family.json, a plot of
-the gate scores (the similarity, the sharpness and the drop along the flattest direction) against
-mTRE with each gate's threshold, bench/results/heldout_family.png, and a contact sheet of the
-views. It also counts the views whose polarity (bright or dark bone) the refinement chose
-right. Several seeds pool their views (each seed its own sample: acceptance moved from 25 to 45 %
-between samples of one recipe), print the accepted count per seed, and add the seeds to the names
-of the files written. ``--params-file`` measures the gates of a node parameter file (its name is
-added to the files written), and so are the groups when ``--groups`` leaves some out, so that
-runs of other groups on the same seeds do not overwrite each other's files.
+the gate scores (the similarity, the drops to the probes across and along the beam and along the
+flattest direction) against mTRE with each gate's threshold, bench/results/heldout_family.png, and
+a contact sheet of the views. It also counts the views whose polarity (bright or dark bone) the
+refinement chose right. Several seeds pool their views (each seed its own sample: acceptance moved
+from 25 to 45 % between samples of one recipe), print the accepted count per seed, and add the
+seeds to the names of the files written. ``--params-file`` measures the gates of a node parameter
+file (its name is added to the files written), and so are the groups when ``--groups`` leaves some
+out, so that runs of other groups on the same seeds do not overwrite each other's files.
 """
 import argparse
 from collections import Counter
@@ -276,17 +276,19 @@ def _summary(records):
 def _plot(records, path, config):
     """Gate scores against mTRE, accepted and rejected, with each gate's threshold.
 
-    Panels: the similarity at the refined pose, its sharpness (drop to the best axis probe) and
-    its drop along the flattest direction; ``config`` the refined run's RegistrationConfig.
+    Panels: the similarity at the refined pose, its drop to the best probe across the beam or
+    turned, to the farther probes along the beam, and along the flattest direction; ``config``
+    the refined run's RegistrationConfig.
     """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     panels = (('ncc', f'{config.similarity} at the refined pose', config.min_ncc),
-              ('sharpness', 'sharpness (drop to the best axis probe)', config.min_sharpness),
+              ('across_drop', 'drop to the best probe across or turned', config.min_sharpness),
+              ('depth_drop', 'drop along the beam', config.min_depth_sharpness),
               ('weak_margin', 'drop along the flattest direction', config.min_weak_sharpness))
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    figure, axes = plt.subplots(1, len(panels), figsize=(20, 4))
     for axis, (key, label, threshold) in zip(axes, panels, strict=True):
         for accepted, marker, name in ((True, 'o', 'accepted'), (False, 'x', 'rejected')):
             chosen = [r for r in records if r['accepted'] == accepted and r.get(key) is not None
@@ -383,7 +385,8 @@ def main():
                 record.update(ncc=result.refinement.ncc_after,
                               polarity_right=bool((result.refinement.polarity > 0) == (
                                   case['recipe']['polarity'] == 'bright_bone')),
-                              sharpness=result.refinement.sharpness,
+                              across_drop=result.refinement.across_drop,
+                              depth_drop=result.refinement.depth_drop,
                               weak_margin=result.refinement.weak_margin,
                               start_mtre_mm=geometry.mtre(result.scr_pose, case['pose'],
                                                           patient.targets))

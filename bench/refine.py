@@ -77,10 +77,12 @@ def main():
             error = float(geometry.mtre(pose, case['pose'], patient.targets))
             records.append({'family': family, 'view': case['index'], 'kind': kind,
                             'size': size, 'mtre_mm': error, 'accepted': bool(accepted),
-                            'sharpness': info.sharpness, 'similarity': info.ncc_after,
+                            'across_drop': info.across_drop, 'depth_drop': info.depth_drop,
+                            'similarity': info.ncc_after,
                             'seconds': seconds, 'renders': info.renders})
             print(f"{family:8s} view {case['index']} {kind:11s} {size:5.1f} -> {error:7.2f} mm "
-                  f"{'accepted' if accepted else 'rejected'} sharpness {info.sharpness:.4f} "
+                  f"{'accepted' if accepted else 'rejected'} drop across {info.across_drop:.4f} "
+                  f"along {info.depth_drop:.4f} "
                   f"{seconds:.2f} s", flush=True)
     summary = []
     print(f"\n{'family':8s} {'start':18s} {'n':>3s} {'<2mm':>5s} {'acc':>4s} {'acc>10':>7s} "

@@ -86,14 +86,13 @@ def test_refinement_recovers_a_perturbed_pose(patient, projectors, polarity, sim
     assert info.improved and info.ncc_after > info.ncc_before + 0.1
     assert info.polarity == (1.0 if polarity == 'bright_bone' else -1.0)
     assert info.depth_margin > 0.0  # converged: the similarity peaks along the beam
-    # ... and drops the more the farther along it: the sharpness judges depth at the farther
-    # probe, and is never more than that drop
+    # ... and drops the more the farther along it: the depth gate judges the farther probe
     assert info.depth_drop > info.depth_margin
-    assert info.sharpness <= info.depth_drop
     # no restart along the beam ends at a pose nearly as good
     assert info.rival_margin >= RegistrationConfig().min_weak_sharpness
     if similarity == RegistrationConfig.similarity:  # the gate's similarity: a sharp optimum
-        assert info.sharpness >= RegistrationConfig().min_sharpness
+        assert info.across_drop >= RegistrationConfig().min_sharpness
+        assert info.depth_drop >= RegistrationConfig().min_depth_sharpness
     # Broyden updates reuse Jacobians: fresh ones at every iteration would take at least 7
     # renders per iteration at the coarse level (forward differences) and 13 at the 64 px ones
     # (central), where most of the iterations are: over 10 per iteration
@@ -268,11 +267,11 @@ def test_depth_profile_peaks_at_the_true_depth_in_either_polarity(patient, proje
     bright = refine.depth_profile(projectors[-1], image, intrinsics, truth, offsets,
                                   centre_ct=patient.bone_centroid)
     assert int(np.argmax(bright)) == 2 and bright[2] > 0.9
-    # as the sharpness gate judges depth: weighted, DEPTH_SHARPNESS_PROBE_MM either way
+    # as the depth gate judges it: weighted, DEPTH_SHARPNESS_PROBE_MM either way
     probe = refine.DEPTH_SHARPNESS_PROBE_MM
     judged = refine.depth_profile(projectors[-1], image, intrinsics, truth, [-probe, 0.0, probe],
                                   centre_ct=patient.bone_centroid, expansion_weighted=True)
-    assert judged[1] - max(judged[0], judged[2]) >= RegistrationConfig().min_sharpness
+    assert judged[1] - max(judged[0], judged[2]) >= RegistrationConfig().min_depth_sharpness
     # an inverted image gives the same profile: the polarity is the sign at the pose
     dark = refine.depth_profile(projectors[-1], -image, intrinsics, truth, offsets,
                                 centre_ct=patient.bone_centroid)
@@ -419,6 +418,7 @@ def test_a_sharp_looking_optimum_on_a_ridge_is_rejected(patient, projectors, mon
     assert geometry.mtre(pose, case['pose'], patient.targets) > 20.0
     assert (geometry.mtre(followed, case['pose'], patient.targets)
             < geometry.mtre(pose, case['pose'], patient.targets))
-    assert info.sharpness >= config.min_sharpness and info.depth_margin > 0.0
+    assert info.across_drop >= config.min_sharpness and info.depth_margin > 0.0
+    assert info.depth_drop >= config.min_depth_sharpness
     assert info.weak_margin < config.min_weak_sharpness
     assert not accepted and 'flattest direction' in reason

@@ -159,8 +159,8 @@ def test_gates_reject_a_view_far_from_ap():
 def test_intensity_gates_judge_similarity_visibility_and_pose():
     _, _, intrinsics, truth, centre = _scene(6)
     config = RegistrationConfig()
-    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, sharpness=0.05,
-                      weak_margin=0.01)
+    good = RefineInfo(exposed_fraction=0.8, ncc_after=0.99, depth_margin=0.03, across_drop=0.05,
+                      depth_drop=0.03, weak_margin=0.01)
 
     def judge(pose=truth, **change):
         return intensity_gates(pose, replace(good, **change), intrinsics, centre, config)
@@ -169,8 +169,10 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
     for change, fragment in [({'ncc_after': 0.4}, f'{RegistrationConfig.similarity} 0.400'),
                              ({'ncc_after': np.nan}, 'disagree'),
                              ({'depth_margin': -0.001}, 'depth'),
-                             ({'sharpness': 0.01}, 'no sharp optimum'),
-                             ({'sharpness': np.nan}, 'no sharp optimum'),
+                             ({'across_drop': 0.03}, 'across the beam or turned'),
+                             ({'across_drop': np.nan}, 'across the beam or turned'),
+                             ({'depth_drop': 0.02}, 'no sharp optimum along the beam'),
+                             ({'depth_drop': np.nan}, 'no sharp optimum along the beam'),
                              ({'weak_margin': 0.004}, 'flattest direction'),
                              ({'weak_margin': np.nan}, 'flattest direction'),
                              ({'rival_margin': -0.004}, 'optimum as good elsewhere'),
@@ -229,11 +231,12 @@ def test_result_to_dict_is_json():
 
 def test_printed_result_shows_what_the_intensity_gates_judged():
     info = RefineInfo(exposed_fraction=0.5, ncc_before=0.61, ncc_after=0.913, depth_margin=0.04,
-                      sharpness=0.027, polarity=-1.0)
+                      across_drop=0.052, depth_drop=0.027, polarity=-1.0)
     lines = format_result(Result(pose=np.eye(4), accepted=True, refinement=info))
     assert lines[0] == 'ACCEPTED'
-    assert ('intensity refinement: similarity 0.913 (start 0.610), sharpness 0.027, depth '
-            'margin 0.040, dark-bone polarity, exposed 0.50 of the image') in lines
+    assert ('intensity refinement: similarity 0.913 (start 0.610), drop to the probes across '
+            '0.052 and along the beam 0.027, depth margin 0.040, dark-bone polarity, exposed '
+            '0.50 of the image') in lines
     unscored = format_result(Result(pose=np.eye(4), accepted=False, reason='x',
                                     refinement=RefineInfo(exposed_fraction=0.01)))
     assert 'intensity refinement: not scored, exposed 0.01 of the image' in unscored
@@ -500,7 +503,9 @@ def test_refined_registration_of_fresh_views(refining_registrar, simulator, pati
         if result.accepted:
             bound = REFINED_BOUND_MM if kind == 'full' else REFINED_CROP_BOUND_MM
             assert error < bound, (kind, error, result.refinement)
-            assert result.refinement.sharpness >= refining_registrar.config.min_sharpness
+            assert result.refinement.across_drop >= refining_registrar.config.min_sharpness
+            assert (result.refinement.depth_drop
+                    >= refining_registrar.config.min_depth_sharpness)
             assert result.covariance is result.refinement.covariance  # not the PnP start's
             crops_accepted += kind == 'crop'
         else:
@@ -551,7 +556,7 @@ def test_register_cli_prints_the_refined_pose_and_writes_the_overlay(simulator, 
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout)
-    assert result['accepted'] and result['refinement']['sharpness'] >= 0.02
+    assert result['accepted'] and result['refinement']['across_drop'] >= 0.02
     assert geometry.mtre(np.array(result['pose']), truth, patient.targets) < REFINED_BOUND_MM
     assert cv2.imread(str(overlay)).shape[:2] == image.shape
     # a centred 128 x 112 crop of the shot as DICOM (SimpleITK/GDCM): no K file, and not the

@@ -102,9 +102,10 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     of the image, a floor on the similarity at the refined pose and one that rises as the
     exposed field shrinks (``min_similarity_evidence``), that the similarity peaks there
     along the beam (the weak direction of one view: a pose still climbing in depth is
-    unconverged), that the optimum is sharp: higher than every probe around it by
-    ``min_sharpness`` (relative evidence, which transfers across appearance where the
-    similarity's level does not) and along its flattest direction by ``min_weak_sharpness``,
+    unconverged), that the optimum is sharp: higher than every probe across the beam or turned
+    by ``min_sharpness`` (relative evidence, which transfers across appearance where the
+    similarity's level does not), than the farther probes along the beam by
+    ``min_depth_sharpness`` and along its flattest direction by ``min_weak_sharpness``,
     and that every restart along the beam that ended elsewhere (``rival_margin``) scores lower
     by that margin too (a restart is a probe along the weak direction, carried on to its own
     optimum: one nearly as good leaves the pose undetermined), then ``pose_gates``.
@@ -128,9 +129,14 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     if not refine_info.depth_margin > 0.0:
         return False, ('depth along the beam not converged: the similarity still rises '
                        f'{refine.DEPTH_PROBE_MM:.0f} mm towards or away from the source')
-    if not refine_info.sharpness >= config.min_sharpness:
-        return False, (f'no sharp optimum: a probe around the pose scores within '
-                       f'{refine_info.sharpness:.3f} < {config.min_sharpness:.3f} of it')
+    if not refine_info.across_drop >= config.min_sharpness:
+        return False, (f'no sharp optimum: a probe across the beam or turned scores within '
+                       f'{refine_info.across_drop:.3f} < {config.min_sharpness:.3f} of it')
+    if not refine_info.depth_drop >= config.min_depth_sharpness:
+        return False, (f'no sharp optimum along the beam: the pose '
+                       f'{refine.DEPTH_SHARPNESS_PROBE_MM:.0f} mm towards or away from the source '
+                       f'scores within {refine_info.depth_drop:.3f} < '
+                       f'{config.min_depth_sharpness:.3f} of it')
     if not refine_info.weak_margin >= config.min_weak_sharpness:
         return False, (f'no sharp optimum along its flattest direction: a probe '
                        f'{refine.WEAK_PROBE:.0f} mm-like units along it scores within '

@@ -30,7 +30,7 @@ Polarity: the DRR is a line integral (bright bone). X-rays come in either polari
 signs take a few iterations at the coarsest level and the better one goes on. After the levels a
 line search along the beam through the centre (the weak direction of one view) and a polish;
 then probes a few mm and degrees away in every direction, depth along that beam, measure how
-sharp the optimum is (``RefineInfo.sharpness``):
+sharp the optimum is (``RefineInfo.across_drop`` and ``depth_drop``):
 relative evidence that transfers across appearance, where the similarity's level does not.
 The depth probes are judged with the features weighted by each pixel's distance from the focus
 of expansion (``_expansion_weight``): moving along the beam scales the image about it, so the
@@ -99,7 +99,9 @@ DEPTH_PROBE_MM = 10.0
 # which for a peak symmetric about the true depth puts the pose within 5 mm of it. Measured on
 # held-out full views (bench/heldout_family.py): 46 -> 62 of 120 accepted (seeds 77031 4242
 # 31337; 12 mm: 55, 20 mm: 62) and 43 -> 48 of 120 (seeds 1111 2222 3333), none > 10 mm; own
-# views 46 -> 49 of 60.
+# views 46 -> 49 of 60. Its drop (``RefineInfo.depth_drop``) has a floor of its own,
+# ``min_depth_sharpness``, below the one across the beam: the wrong optima the gates have met
+# lie across the beam or turned, where they score within ``min_sharpness`` of their probes.
 DEPTH_SHARPNESS_PROBE_MM = 16.0
 SHARPNESS_PROBES = tuple((axis, sign * size) for axis, size in
                          ((0, 4.0), (1, 4.0), (2, DEPTH_PROBE_MM), (3, 5.0), (4, 5.0), (5, 5.0))
@@ -138,9 +140,8 @@ class RefineInfo:
                                       # beam, judged with features weighted towards where depth
                                       # shows (``_expansion_weight``): > 0 where it peaks
     depth_drop: float = NAN           # the same drop DEPTH_SHARPNESS_PROBE_MM along the beam
-    sharpness: float = NAN            # the least drop to a probe: ncc_after minus the best
-                                      # SHARPNESS_PROBES probe across the beam or turned, or
-                                      # depth_drop
+    across_drop: float = NAN          # ncc_after minus the best SHARPNESS_PROBES probe across
+                                      # the beam or turned
     weak_margin: float = NAN          # ncc_after minus the best probe WEAK_PROBE along the
                                       # similarity's flattest direction (J^T J's weakest)
     rival_margin: float = math.inf    # ncc_after minus the best restart that ended elsewhere
@@ -712,9 +713,9 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     rivals = [] if near_start else _restarts(judge, frame[:, 2])
     return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=depth_margin,
-                         depth_drop=depth_drop,
+                         depth_drop=depth_drop, across_drop=final - across,
                          rival_margin=final - max(rivals, default=-math.inf),
-                         sharpness=min(final - across, depth_drop), weak_margin=final - weak,
+                         weak_margin=final - weak,
                          polarity=polarity, improved=improved,
                          covariance=_covariance(jacobian, final, basis,
                                                 (refined[:3, 3] - beam_centre).numpy()))

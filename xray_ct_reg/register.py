@@ -112,7 +112,7 @@ class RegistrationConfig:
         live=True)
     intensity_refine: bool = setting(
         False, 'refine the PnP pose by intensity against a DRR and judge the refined pose by '
-        'the intensity gates (min_ncc, min_sharpness) instead of the correspondence gates '
+        'the intensity gates (min_ncc, min_sharpness, ...) instead of the correspondence gates '
         '(needs the CT)')
     similarity: str = setting(
         'ngf', 'image similarity the intensity refinement maximises and the intensity '
@@ -127,9 +127,15 @@ class RegistrationConfig:
         limits=(-1.0, 1.0), live=True)
     min_sharpness: float = setting(
         0.035, 'gate with intensity_refine: the refined pose must score this much above every '
-        'probe a few mm and degrees away across the beam or turned (refine.SHARPNESS_PROBES) '
-        'and refine.DEPTH_SHARPNESS_PROBE_MM along it; calibrated on the own and the held-out '
+        'probe a few mm and degrees away across the beam or turned (refine.SHARPNESS_PROBES), '
+        'where the wrong optima met so far fell short; calibrated on the own and the held-out '
         'appearance families (bench/accuracy.py, bench/heldout_family.py; '
+        'docs/REFINEMENT_EXPERIMENTS.md)', limits=(0.0, 1.0), live=True)
+    min_depth_sharpness: float = setting(
+        0.025, 'gate with intensity_refine: the refined pose must score this much above the '
+        'poses refine.DEPTH_SHARPNESS_PROBE_MM towards and away from the source (features '
+        'weighted towards where depth shows); it bounds the depth error, the weak direction of '
+        'one view; calibrated on the held-out appearance family (bench/heldout_family.py; '
         'docs/REFINEMENT_EXPERIMENTS.md)', limits=(0.0, 1.0), live=True)
     min_weak_sharpness: float = setting(
         0.005, 'gate with intensity_refine: the refined pose must score this much above two '
@@ -550,8 +556,9 @@ def format_result(result):
     info = result.refinement
     if info is not None:  # what the intensity gates judged; NaN: too little shown, or no time
         scores = ('not scored' if np.isnan(info.ncc_after) else
-                  f'similarity {info.ncc_after:.3f} (start {info.ncc_before:.3f}), sharpness '
-                  f'{info.sharpness:.3f}, depth margin {info.depth_margin:.3f}, '
+                  f'similarity {info.ncc_after:.3f} (start {info.ncc_before:.3f}), drop to '
+                  f'the probes across {info.across_drop:.3f} and along the beam '
+                  f'{info.depth_drop:.3f}, depth margin {info.depth_margin:.3f}, '
                   f"{'bright' if info.polarity >= 0 else 'dark'}-bone polarity")
         lines.append(f'intensity refinement: {scores}, exposed {info.exposed_fraction:.2f} of '
                      'the image')
