@@ -128,8 +128,8 @@ class RegistrationConfig:
     min_sharpness: float = setting(
         0.035, 'gate with intensity_refine: the refined pose must score this much above every '
         'probe a few mm and degrees away across the beam or turned (refine.SHARPNESS_PROBES), '
-        'where the wrong optima met so far fell short; calibrated on the own and the held-out '
-        'appearance families (bench/accuracy.py, bench/heldout_family.py; '
+        'where the wrong optima of the calibration sets fell short; calibrated on the own and '
+        'the held-out appearance families (bench/accuracy.py, bench/heldout_family.py; '
         'docs/REFINEMENT_EXPERIMENTS.md)', limits=(0.0, 1.0), live=True)
     min_depth_sharpness: float = setting(
         0.025, 'gate with intensity_refine: the refined pose must score this much above the '
