@@ -103,6 +103,7 @@ class DRRProjector:
         self.slab_slices = int(slab_slices)
         self._slice_stacks = {}  # axis -> the volume's slabs across it (render_by_slices)
         self._pixel_grids = {}   # (width, height) -> homogeneous pixel centres
+        self._rays = {}          # (width, height, K bytes) -> (K^-1, ray lengths per pixel)
 
     def render(self, pose, intrinsics):
         """Line integral image (H, W) float32 of the view ``pose`` (T_imager_ct).
@@ -166,7 +167,7 @@ class DRRProjector:
         pose = np.asarray(pose, dtype=float)
         rotation, translation = pose[:3, :3], pose[:3, 3]
         # pixel [u, v, 1] -> ray direction in index space; the source in index space
-        k_inverse = np.linalg.inv(intrinsics.K)
+        k_inverse, ray_mm = self._pixel_rays(intrinsics)
         pixel_to_ray = self._physical_to_index @ rotation.T @ k_inverse
         source = self._physical_to_index @ (-rotation.T @ translation - self._origin)
         width, height = intrinsics.width, intrinsics.height
@@ -198,11 +199,21 @@ class DRRProjector:
                 total += warped
         # a ray's length (mm) per slice: its direction's length in mm (a rotation keeps it) over
         # its step along the axis in index units
-        homogeneous = self._homogeneous_pixels(width, height)
-        mm_per_slice = (np.linalg.norm(homogeneous @ k_inverse.T, axis=1)
-                        / np.abs(homogeneous @ pixel_to_ray[axis]))
+        mm_per_slice = ray_mm / np.abs(self._homogeneous_pixels(width, height)
+                                       @ pixel_to_ray[axis])
         image *= mm_per_slice.reshape(height, width).astype(np.float32)
         return image[0] if len(image) == 1 else image
+
+    def _pixel_rays(self, intrinsics):
+        """(K^-1, (width * height,) length of each pixel's ray K^-1 [u, v, 1]), kept per camera."""
+        key = (intrinsics.width, intrinsics.height, np.asarray(intrinsics.K, float).tobytes())
+        if key not in self._rays:
+            if len(self._rays) >= 8:  # cameras change seldom; keep the latest few
+                self._rays.pop(next(iter(self._rays)))
+            k_inverse = np.linalg.inv(intrinsics.K)
+            homogeneous = self._homogeneous_pixels(intrinsics.width, intrinsics.height)
+            self._rays[key] = k_inverse, np.linalg.norm(homogeneous @ k_inverse.T, axis=1)
+        return self._rays[key]
 
     def _homogeneous_pixels(self, width, height):
         """(width * height, 3) pixel centres [u, v, 1] in row-major order, kept per size."""
