@@ -84,7 +84,8 @@ RIVAL_DISTANCE = 5.0
 # start). On held-out appearance the blurred coarse levels can lead away from a start a few mm
 # off (docs/REFINEMENT_EXPERIMENTS.md): measured on held-out full views from their SCR starts,
 # 82 -> 87 of 120 accepted (seeds 77031 4242 31337) and 70 -> 80 (1111 2222 3333), none > 10 mm;
-# 4 iterations gave 85 and 73.
+# 4 iterations gave 85 and 73. (With ``min_weak_sharpness`` raised after it: 86 and 76; a later
+# sample accepted a local view 11.4 mm off that the coarse-to-fine path alone rejected.)
 FINE_FROM_START_ITERATIONS = 8
 # LM iterations both image polarities take at the coarsest level before the better one goes on.
 POLARITY_TRIAL_ITERATIONS = 2
