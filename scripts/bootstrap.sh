@@ -32,6 +32,17 @@ on_error() {
 trap on_error ERR
 
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
+# Fails early, with the figures, where a step that installs packages would run out of disk.
+need_space() {
+    local dir="$1" need_gb="$2" free_kb
+    free_kb="$(df -Pk "$dir" | awk 'NR == 2 {print $4}')"
+    if ((free_kb < need_gb * 1024 * 1024)); then
+        echo "[bootstrap] only $((free_kb / 1024)) MB free on the disk of $dir;" \
+            "installing the pinned packages needs about $need_gb GB there (pip unpacks torch and" \
+            "open3d in ${TMPDIR:-/tmp}). Free some space and re-run." >&2
+        false
+    fi
+}
 # pip's "Location ... is ignored" noise from the global find-links config is filtered out.
 quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
@@ -72,6 +83,8 @@ STAMP_RT="$VENV/.xray_ct_reg-requirements.sha256"
 if [[ -f "$STAMP_RT" && "$(cat "$STAMP_RT")" == "$(sha256 requirements.txt)" ]]; then
     echo "[bootstrap]   up to date (stamp matches)"
 else
+    need_space "$(dirname "$VENV")" 4
+    need_space "${TMPDIR:-/tmp}" 1
     quiet_pip install -q -r requirements.txt
     sha256 requirements.txt >"$STAMP_RT"
 fi
