@@ -459,3 +459,41 @@ def test_a_close_start_the_coarse_levels_lead_away_from_ends_near_the_truth(
     monkeypatch.setattr(refine, 'FINE_FROM_START_ITERATIONS', 0)  # the coarse-to-fine path only
     error, accepted = refine_from_start()
     assert not accepted and error > 50.0
+
+
+def test_a_pose_still_rising_in_depth_moves_there_and_is_judged_again(
+        patient, projectors, monkeypatch):
+    """The depth continuation: a pose whose depth judge still rises 10 mm along the beam.
+
+    A held-out-family full view (seed 2222, view 21) refined from its SCR + PnP start (about
+    29 mm off) ends 4 mm off in depth with the similarity still rising along the beam: rejected
+    as not converged. Moved there, polished and judged again, it ends within 2 mm, accepted.
+    """
+    import sys
+
+    from conftest import REPO
+
+    from xray_ct_reg import xray_physics
+    from xray_ct_reg.register import Registrar, refine_and_judge
+    sys.path.insert(0, str(REPO / 'bench'))
+    import heldout_family
+    cases = heldout_family.test_set(patient, xray_physics.MaterialProjector(patient.ct), 22,
+                                    seed=2222, groups=('full',))
+    case = list(cases)[21]
+    config = RegistrationConfig(intensity_refine=True)
+    scr_only = Registrar.from_checkpoint(REPO / 'models' / 'chest_example.pt', patient=patient,
+                                         config=RegistrationConfig(intensity_refine=False))
+    start = scr_only.register(case['image'], case['intrinsics']).pose
+    assert geometry.mtre(start, case['pose'], patient.targets) > 10.0
+
+    def refine_from_start():
+        pose, info, accepted, reason = refine_and_judge(
+            projectors, case['image'], case['intrinsics'], start, patient.bone_centroid, config)
+        return geometry.mtre(pose, case['pose'], patient.targets), info, accepted, reason
+
+    error, info, accepted, _ = refine_from_start()
+    assert accepted and error < 2.0 and info.depth_margin > 0.0
+    monkeypatch.setattr(refine, 'DEPTH_CONTINUATIONS', 0)
+    error, info, accepted, reason = refine_from_start()
+    assert not accepted and 'depth along the beam not converged' in reason
+    assert info.depth_margin <= 0.0 and error > 3.0

@@ -83,10 +83,18 @@ RIVAL_DISTANCE = 5.0
 # The better of it and the coarse-to-fine path goes on to the depth search (not from a close
 # start). On held-out appearance the blurred coarse levels can lead away from a start a few mm
 # off (docs/REFINEMENT_EXPERIMENTS.md): measured on held-out full views from their SCR starts,
-# 82 -> 87 of 120 accepted (seeds 77031 4242 31337) and 70 -> 80 (1111 2222 3333), none > 10 mm;
-# 4 iterations gave 85 and 73. (With ``min_weak_sharpness`` raised after it: 86 and 76; a later
-# sample accepted a local view 11.4 mm off that the coarse-to-fine path alone rejected.)
-FINE_FROM_START_ITERATIONS = 8
+# 87 of 120 accepted (seeds 77031 4242 31337) and 79 (1111 2222 3333), none > 10 mm; 8
+# iterations gave 86 and 76, and one sample's local view accepted 11.4 mm off that 12 reject.
+# Without the search, 82 and 70 (under the flattest-direction floor before, 0.005). LM stops
+# once no step lowers the cost, so the 4 iterations over 8 cost no measurable time.
+FINE_FROM_START_ITERATIONS = 12
+# Where the depth judge still rises ``DEPTH_PROBE_MM`` along the beam from the refined pose
+# (``RefineInfo.depth_margin`` <= 0: not converged in depth), the pose moves there and is
+# polished (``POLISH_ITERATIONS``) and judged again, at most this many times, while that raises
+# the similarity. Not from a close start. Measured on held-out full views from their SCR starts:
+# 87 -> 88 of 120 and 79 -> 80 (and 104 -> 105 of set D's 160), no other sample changed, none
+# > 10 mm; it runs on the few frames it can help (depth_margin <= 0 is a rejection).
+DEPTH_CONTINUATIONS = 2
 # LM iterations both image polarities take at the coarsest level before the better one goes on.
 POLARITY_TRIAL_ITERATIONS = 2
 # Iterations per level when tracking from a recent pose (``Registrar.register(prior_pose=)``);
@@ -591,7 +599,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     ``similarity`` names the measure maximised and reported (FEATURES; the
     ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
     polarity is the similarity's sign at the start and there is neither the second search from
-    the start at the finest level nor the depth line search.
+    the start at the finest level nor the depth line search and continuation.
     Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
@@ -707,6 +715,30 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
+    scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock,
+                             near_start)
+    for _ in range(0 if near_start else DEPTH_CONTINUATIONS):
+        if not rise_mm:
+            break
+        moved = _along_beam(refined, beam_centre, rise_mm)
+        objective = _Objective(finest, moved, beam_centre, polarity, measure, clock)
+        polish, cost = _levenberg_marquardt(objective, zero, POLISH_ITERATIONS)
+        if 1.0 - 0.5 * cost <= final:
+            break
+        refined, final = _perturbed_pose(moved, polish, beam_centre), 1.0 - 0.5 * cost
+        scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock,
+                                 near_start)
+    return refined, dict(ncc_before=ncc_before, polarity=polarity,
+                         improved=bool(final > ncc_before), **scores)
+
+
+def _judge(finest, refined, final, beam_centre, polarity, measure, clock, near_start):
+    """The gates' evidence at ``refined`` (``final``: its similarity at the finest level).
+
+    Returns (scores for the info, offset): the offset (mm along the beam, ``DEPTH_PROBE_MM``
+    either way) where the depth judge scores higher than at the pose, 0.0 where it peaks there.
+    """
+    zero = torch.zeros(6, dtype=torch.float64)
     frame = _beam_frame(beam_centre)
     basis = torch.block_diag(frame, torch.eye(3, dtype=frame.dtype))  # probed axes, as columns
     judge_renders = {}  # the judges below see the same DRRs through different features
@@ -718,24 +750,25 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     across = max(value for (axis, _), value in probes.items() if axis != 2)
     depth_judge = _Objective(finest.weighted(_expansion_weight(finest, beam_centre), measure),
                              refined, beam_centre, polarity, measure, clock, judge_renders)
+    at_pose = depth_judge.similarity(zero)
 
-    def drop_along_beam(distance):  # how much the depth judge drops ``distance`` either way
-        return depth_judge.similarity(zero) - max(
-            depth_judge.similarity(sign * distance * basis[:, 2]) for sign in (-1.0, 1.0))
+    def along_beam(distance):  # the depth judge ``distance`` either way: [(score, offset)]
+        return [(depth_judge.similarity(sign * distance * basis[:, 2]), sign * distance)
+                for sign in (-1.0, 1.0)]
 
-    depth_margin = drop_along_beam(DEPTH_PROBE_MM)
-    depth_drop = drop_along_beam(DEPTH_SHARPNESS_PROBE_MM)
+    best_probe, best_offset = max(along_beam(DEPTH_PROBE_MM))
+    depth_margin = at_pose - best_probe
+    depth_drop = at_pose - max(along_beam(DEPTH_SHARPNESS_PROBE_MM))[0]
     jacobian = _probe_jacobian(probe_residuals)
     weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
     rivals = [] if near_start else _restarts(judge, frame[:, 2])
-    return refined, dict(ncc_before=ncc_before, ncc_after=final, depth_margin=depth_margin,
-                         depth_drop=depth_drop, across_drop=final - across,
-                         rival_margin=final - max(rivals, default=-math.inf),
-                         weak_margin=final - weak,
-                         polarity=polarity, improved=improved,
-                         covariance=_covariance(jacobian, final, basis,
-                                                (refined[:3, 3] - beam_centre).numpy()))
+    scores = dict(ncc_after=final, depth_margin=depth_margin, depth_drop=depth_drop,
+                  across_drop=final - across, rival_margin=final - max(rivals, default=-math.inf),
+                  weak_margin=final - weak,
+                  covariance=_covariance(jacobian, final, basis,
+                                         (refined[:3, 3] - beam_centre).numpy()))
+    return scores, (best_offset if depth_margin <= 0.0 else 0.0)
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
