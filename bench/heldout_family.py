@@ -277,8 +277,9 @@ def _plot(records, path, config):
     """Gate scores against mTRE, accepted and rejected, with each gate's threshold.
 
     Panels: the similarity at the refined pose, its drop to the best probe across the beam or
-    turned, to the farther probes along the beam, and along the flattest direction; ``config``
-    the refined run's RegistrationConfig.
+    turned, to the farther probes along the beam, along the flattest direction, and the smaller
+    of that and the drop to a rival restart over the mismatch left; ``config`` the refined
+    run's RegistrationConfig.
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -287,8 +288,10 @@ def _plot(records, path, config):
     panels = (('ncc', f'{config.similarity} at the refined pose', config.min_ncc),
               ('across_drop', 'drop to the best probe across or turned', config.min_sharpness),
               ('depth_drop', 'drop along the beam', config.min_depth_sharpness),
-              ('weak_margin', 'drop along the flattest direction', config.min_weak_sharpness))
-    figure, axes = plt.subplots(1, len(panels), figsize=(20, 4))
+              ('weak_margin', 'drop along the flattest direction', config.min_weak_sharpness),
+              ('relative_weak_margin', 'that drop (or to a rival) / (1 - similarity)',
+               config.min_relative_weak_sharpness))
+    figure, axes = plt.subplots(1, len(panels), figsize=(25, 4))
     for axis, (key, label, threshold) in zip(axes, panels, strict=True):
         for accepted, marker, name in ((True, 'o', 'accepted'), (False, 'x', 'rejected')):
             chosen = [r for r in records if r['accepted'] == accepted and r.get(key) is not None
@@ -388,6 +391,9 @@ def main():
                               across_drop=result.refinement.across_drop,
                               depth_drop=result.refinement.depth_drop,
                               weak_margin=result.refinement.weak_margin,
+                              relative_weak_margin=min(result.refinement.weak_margin,
+                                                       result.refinement.rival_margin)
+                              / max(1.0 - result.refinement.ncc_after, 1e-12),
                               start_mtre_mm=geometry.mtre(result.scr_pose, case['pose'],
                                                           patient.targets))
             records.append(record)

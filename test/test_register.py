@@ -185,6 +185,15 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
         assert not accepted and fragment in why, change
     # the same similarity over twice the field is evidence enough
     assert judge(exposed_fraction=0.5, ncc_after=0.55) == (True, '')
+    # the flattest direction's drop, and a rival's, must also reach a fraction of the mismatch
+    # (1 - similarity): 0.007 is enough where the DRR explains the X-ray well, not at 0.6
+    assert judge(ncc_after=0.9, weak_margin=0.007) == (True, '')
+    for change in ({'weak_margin': 0.007}, {'weak_margin': 0.02, 'rival_margin': 0.007}):
+        accepted, why = judge(ncc_after=0.6, **change)
+        assert not accepted and '0.02 x the mismatch 0.400' in why, change
+    assert judge(ncc_after=0.6, weak_margin=0.009) == (True, '')
+    assert intensity_gates(truth, replace(good, ncc_after=0.6, weak_margin=0.007), intrinsics,
+                           centre, replace(config, min_relative_weak_sharpness=0.0)) == (True, '')
     accepted, why = judge(geometry.compose(geometry.make_pose(np.eye(3), [0, 0, 600.0]), truth))
     assert not accepted and 'distance' in why
 

@@ -105,7 +105,8 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
     unconverged), that the optimum is sharp: higher than every probe across the beam or turned
     by ``min_sharpness`` (relative evidence, which transfers across appearance where the
     similarity's level does not), than the farther probes along the beam by
-    ``min_depth_sharpness`` and along its flattest direction by ``min_weak_sharpness``,
+    ``min_depth_sharpness`` and along its flattest direction by ``min_weak_sharpness`` (or
+    ``min_relative_weak_sharpness`` of the mismatch 1 - similarity, when larger),
     and that every restart along the beam that ended elsewhere (``rival_margin``) scores lower
     by that margin too (a restart is a probe along the weak direction, carried on to its own
     optimum: one nearly as good leaves the pose undetermined), then ``pose_gates``.
@@ -137,13 +138,16 @@ def intensity_gates(pose, refine_info, intrinsics, bone_centroid, config):
                        f'{refine.DEPTH_SHARPNESS_PROBE_MM:.0f} mm towards or away from the source '
                        f'scores within {refine_info.depth_drop:.3f} < '
                        f'{config.min_depth_sharpness:.3f} of it')
-    if not refine_info.weak_margin >= config.min_weak_sharpness:
+    mismatch = 1.0 - refine_info.ncc_after
+    weak_floor = max(config.min_weak_sharpness, config.min_relative_weak_sharpness * mismatch)
+    floor_text = (f'{weak_floor:.4f} (the larger of {config.min_weak_sharpness:g} and '
+                  f'{config.min_relative_weak_sharpness:g} x the mismatch {mismatch:.3f})')
+    if not refine_info.weak_margin >= weak_floor:
         return False, (f'no sharp optimum along its flattest direction: a probe '
                        f'{refine.WEAK_PROBE:.0f} mm-like units along it scores within '
-                       f'{refine_info.weak_margin:.3f} < {config.min_weak_sharpness:.3f}')
-    if not refine_info.rival_margin >= config.min_weak_sharpness:
+                       f'{refine_info.weak_margin:.4f} < {floor_text}')
+    if not refine_info.rival_margin >= weak_floor:
         return False, (f'an optimum as good elsewhere: a restart '
                        f'{max(refine.RESTART_DEPTHS_MM):.0f} mm along the beam ended at a pose '
-                       f'scoring within {refine_info.rival_margin:.3f} < '
-                       f'{config.min_weak_sharpness:.3f} of it')
+                       f'scoring within {refine_info.rival_margin:.4f} < {floor_text}')
     return pose_gates(pose, intrinsics, bone_centroid, config)
