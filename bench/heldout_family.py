@@ -140,8 +140,10 @@ ABLATIONS = ('scatter_heel', 'collimator_metal_table', 'window_lut', 'unsharp', 
 def render(projector, patient, pose, intrinsics, rng, without=()):
     """A held-out-family X-ray of ``pose``: (uint16 image, metadata dict).
 
-    ``without`` names ABLATIONS to leave out; the random draws are the same either way, so an
-    ablated view pairs with the full one.
+    ``without`` names ABLATIONS to leave out. The draws are the same either way up to the
+    Poisson noise, whose number of draws depends on the signal: after it (and in the views that
+    follow from the same ``rng``) an ablated render differs from the full one, so ablations
+    compare distributions, not pairs.
     """
     unknown = set(without) - set(ABLATIONS)
     if unknown:
