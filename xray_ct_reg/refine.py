@@ -707,34 +707,38 @@ def _schedule(levels, pose0, centre_imager, iterations, measure, clock, near_sta
     ncc_after, best_offset = max(
         (score(_along_beam(candidate, beam_centre, offset)) if offset else 1.0 - 0.5 * cost,
          offset) for offset in ((0.0,) if near_start else DEPTH_SEARCH_MM))
-    if best_offset:
-        candidate = _along_beam(candidate, beam_centre, best_offset)
-        objective = _Objective(finest, candidate, beam_centre, polarity, measure, clock)
+
+    def moved_and_polished(pose, offset):  # (pose moved along the beam and polished, its score)
+        moved = _along_beam(pose, beam_centre, offset)
+        objective = _Objective(finest, moved, beam_centre, polarity, measure, clock)
         polish, cost = _levenberg_marquardt(objective, zero, POLISH_ITERATIONS)
-        candidate = _perturbed_pose(candidate, polish, beam_centre)
-        ncc_after = 1.0 - 0.5 * cost
+        return _perturbed_pose(moved, polish, beam_centre), 1.0 - 0.5 * cost
+
+    if best_offset:
+        candidate, ncc_after = moved_and_polished(candidate, best_offset)
     improved = ncc_after > ncc_before
     refined = candidate if improved else pose0
     final = ncc_after if improved else ncc_before
-    scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock,
-                             near_start)
+    scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock)
     for _ in range(0 if near_start else DEPTH_CONTINUATIONS):
         if not rise_mm:
             break
-        moved = _along_beam(refined, beam_centre, rise_mm)
-        objective = _Objective(finest, moved, beam_centre, polarity, measure, clock)
-        polish, cost = _levenberg_marquardt(objective, zero, POLISH_ITERATIONS)
-        if 1.0 - 0.5 * cost <= final:
+        moved, moved_score = moved_and_polished(refined, rise_mm)
+        if moved_score <= final:
             break
-        refined, final = _perturbed_pose(moved, polish, beam_centre), 1.0 - 0.5 * cost
-        scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock,
-                                 near_start)
+        refined, final = moved, moved_score
+        scores, rise_mm = _judge(finest, refined, final, beam_centre, polarity, measure, clock)
+    # restarts along the beam, once, from where the pose ended
+    rivals = [] if near_start else _restarts(
+        _Objective(finest, refined, beam_centre, polarity, measure, clock, {}),
+        _beam_frame(beam_centre)[:, 2])
     return refined, dict(ncc_before=ncc_before, polarity=polarity,
-                         improved=bool(final > ncc_before), **scores)
+                         improved=bool(final > ncc_before),
+                         rival_margin=final - max(rivals, default=-math.inf), **scores)
 
 
-def _judge(finest, refined, final, beam_centre, polarity, measure, clock, near_start):
-    """The gates' evidence at ``refined`` (``final``: its similarity at the finest level).
+def _judge(finest, refined, final, beam_centre, polarity, measure, clock):
+    """The gates' local evidence at ``refined`` (``final``: its similarity at the finest level).
 
     Returns (scores for the info, offset): the offset (mm along the beam, ``DEPTH_PROBE_MM``
     either way) where the depth judge scores higher than at the pose, 0.0 where it peaks there.
@@ -763,10 +767,8 @@ def _judge(finest, refined, final, beam_centre, polarity, measure, clock, near_s
     jacobian = _probe_jacobian(probe_residuals)
     weakest = basis @ torch.linalg.eigh(jacobian.T @ jacobian)[1][:, 0]
     weak = max(judge.similarity(sign * WEAK_PROBE * weakest) for sign in (-1.0, 1.0))
-    rivals = [] if near_start else _restarts(judge, frame[:, 2])
     scores = dict(ncc_after=final, depth_margin=depth_margin, depth_drop=depth_drop,
-                  across_drop=final - across, rival_margin=final - max(rivals, default=-math.inf),
-                  weak_margin=final - weak,
+                  across_drop=final - across, weak_margin=final - weak,
                   covariance=_covariance(jacobian, final, basis,
                                          (refined[:3, 3] - beam_centre).numpy()))
     return scores, (best_offset if depth_margin <= 0.0 else 0.0)
