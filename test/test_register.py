@@ -190,7 +190,7 @@ def test_intensity_gates_judge_similarity_visibility_and_pose():
     assert judge(ncc_after=0.9, weak_margin=0.007) == (True, '')
     for change in ({'weak_margin': 0.007}, {'weak_margin': 0.02, 'rival_margin': 0.007}):
         accepted, why = judge(ncc_after=0.6, **change)
-        assert not accepted and '0.02 x the mismatch 0.400' in why, change
+        assert not accepted and '0.022 x the mismatch 0.400' in why, change
     assert judge(ncc_after=0.6, weak_margin=0.009) == (True, '')
     assert intensity_gates(truth, replace(good, ncc_after=0.6, weak_margin=0.007), intrinsics,
                            centre, replace(config, min_relative_weak_sharpness=0.0)) == (True, '')

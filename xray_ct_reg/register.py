@@ -146,10 +146,10 @@ class RegistrationConfig:
         'view 11.6 mm off that scored 0.0050 above its probes (docs/REFINEMENT_EXPERIMENTS.md)',
         limits=(0.0, 1.0), live=True)
     min_relative_weak_sharpness: float = setting(
-        0.02, 'gate with intensity_refine: the drops min_weak_sharpness asks for must also reach '
-        'this fraction of the mismatch left at the refined pose (1 - similarity): the worse the '
-        'DRR explains the X-ray, the more a flat optimum\'s score reflects appearance rather '
-        'than pose; set above a held-out local view 12.2 mm off, in depth, at 0.015 '
+        0.022, 'gate with intensity_refine: the drops min_weak_sharpness asks for must also '
+        'reach this fraction of the mismatch left at the refined pose (1 - similarity): the worse '
+        'the DRR explains the X-ray, the more a flat optimum\'s score reflects appearance rather '
+        'than pose; set above a held-out local view 11.8 mm off, in depth, at 0.0205 '
         '(docs/REFINEMENT_EXPERIMENTS.md); 0: off', limits=(0.0, 1.0), live=True)
     min_similarity_evidence: float = setting(
         0.3, 'gate with intensity_refine: minimum of the similarity at the refined pose times the '
