@@ -1,10 +1,16 @@
 """Intensity refinement: the exposed-pixel mask, the similarities and convergence against a DRR."""
+import sys
+
+from conftest import REPO
 import numpy as np
 import pytest
 import torch
 
-from xray_ct_reg import drr, geometry, model, refine
-from xray_ct_reg.register import RegistrationConfig
+from xray_ct_reg import drr, geometry, model, refine, xray_physics
+from xray_ct_reg.register import RegistrationConfig, refine_and_judge
+
+sys.path.insert(0, str(REPO / 'bench'))
+import heldout_family  # noqa: E402
 
 
 def test_exposed_mask_drops_shutters_and_keeps_anatomy():
@@ -402,7 +408,6 @@ def test_a_sharp_looking_optimum_on_a_ridge_is_rejected(patient, projectors, mon
     a little turned, scoring higher than the truth; the schedule's ridge following ends nearer.
     """
     from xray_ct_reg import evaluate, simulate
-    from xray_ct_reg.register import refine_and_judge
     cases = evaluate.simulate_test_set(simulate.Simulator(patient), 3, seed=5150,
                                        groups=('extreme',))
     case = list(cases)[2]
@@ -424,6 +429,24 @@ def test_a_sharp_looking_optimum_on_a_ridge_is_rejected(patient, projectors, mon
     assert not accepted and 'flattest direction' in reason
 
 
+def _heldout_full_view(patient, seed, index):
+    """Full view ``index`` of the held-out appearance family's sample ``seed`` (a case dict)."""
+    cases = heldout_family.test_set(patient, xray_physics.MaterialProjector(patient.ct),
+                                    index + 1, seed=seed, groups=('full',))
+    return list(cases)[index]
+
+
+def _refined_from(projectors, patient, case, start):
+    """``case`` refined from ``start`` and judged by the default gates.
+
+    Returns (mTRE mm, RefineInfo, accepted, reason).
+    """
+    pose, info, accepted, reason = refine_and_judge(
+        projectors, case['image'], case['intrinsics'], start, patient.bone_centroid,
+        RegistrationConfig(intensity_refine=True))
+    return geometry.mtre(pose, case['pose'], patient.targets), info, accepted, reason
+
+
 def test_a_close_start_the_coarse_levels_lead_away_from_ends_near_the_truth(
         patient, projectors, monkeypatch):
     """The second search, at the finest level from the start, keeps a view the blur misleads.
@@ -433,31 +456,15 @@ def test_a_close_start_the_coarse_levels_lead_away_from_ends_near_the_truth(
     away and the pose is rejected; the search from the start at the finest level ends near the
     truth, accepted.
     """
-    import sys
-
-    from conftest import REPO
-
-    from xray_ct_reg import xray_physics
-    from xray_ct_reg.register import refine_and_judge
-    sys.path.insert(0, str(REPO / 'bench'))
-    import heldout_family
-    cases = heldout_family.test_set(patient, xray_physics.MaterialProjector(patient.ct), 24,
-                                    seed=4242, groups=('full',))
-    case = list(cases)[23]
+    case = _heldout_full_view(patient, seed=4242, index=23)
     start = heldout_family._perturbed(case['pose'], patient.bone_centroid,
                                       np.random.default_rng([23, 7]))
     assert 5.0 < geometry.mtre(start, case['pose'], patient.targets) < 15.0
-    config = RegistrationConfig(intensity_refine=True)
 
-    def refine_from_start():
-        pose, _, accepted, _ = refine_and_judge(projectors, case['image'], case['intrinsics'],
-                                                start, patient.bone_centroid, config)
-        return geometry.mtre(pose, case['pose'], patient.targets), accepted
-
-    error, accepted = refine_from_start()
+    error, _, accepted, _ = _refined_from(projectors, patient, case, start)
     assert accepted and error < 2.0
     monkeypatch.setattr(refine, 'FINE_FROM_START_ITERATIONS', 0)  # the coarse-to-fine path only
-    error, accepted = refine_from_start()
+    error, _, accepted, _ = _refined_from(projectors, patient, case, start)
     assert not accepted and error > 50.0
 
 
@@ -469,31 +476,16 @@ def test_a_pose_still_rising_in_depth_moves_there_and_is_judged_again(
     29 mm off) ends 4 mm off in depth with the similarity still rising along the beam: rejected
     as not converged. Moved there, polished and judged again, it ends within 2 mm, accepted.
     """
-    import sys
-
-    from conftest import REPO
-
-    from xray_ct_reg import xray_physics
-    from xray_ct_reg.register import Registrar, refine_and_judge
-    sys.path.insert(0, str(REPO / 'bench'))
-    import heldout_family
-    cases = heldout_family.test_set(patient, xray_physics.MaterialProjector(patient.ct), 22,
-                                    seed=2222, groups=('full',))
-    case = list(cases)[21]
-    config = RegistrationConfig(intensity_refine=True)
+    from xray_ct_reg.register import Registrar
+    case = _heldout_full_view(patient, seed=2222, index=21)
     scr_only = Registrar.from_checkpoint(REPO / 'models' / 'chest_example.pt', patient=patient,
                                          config=RegistrationConfig(intensity_refine=False))
     start = scr_only.register(case['image'], case['intrinsics']).pose
     assert geometry.mtre(start, case['pose'], patient.targets) > 10.0
 
-    def refine_from_start():
-        pose, info, accepted, reason = refine_and_judge(
-            projectors, case['image'], case['intrinsics'], start, patient.bone_centroid, config)
-        return geometry.mtre(pose, case['pose'], patient.targets), info, accepted, reason
-
-    error, info, accepted, _ = refine_from_start()
+    error, info, accepted, _ = _refined_from(projectors, patient, case, start)
     assert accepted and error < 2.0 and info.depth_margin > 0.0
     monkeypatch.setattr(refine, 'DEPTH_CONTINUATIONS', 0)
-    error, info, accepted, reason = refine_from_start()
+    error, info, accepted, reason = _refined_from(projectors, patient, case, start)
     assert not accepted and 'depth along the beam not converged' in reason
     assert info.depth_margin <= 0.0 and error > 3.0
