@@ -12,6 +12,9 @@ import sys
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# bench/'s scripts (heldout_family: the held-out appearance family) are imported by the tests
+# that check them
+sys.path.insert(0, str(REPO / 'bench'))
 PACKAGE = 'xray_ct_reg'
 NODE_EXECUTABLE = 'xray_ct_reg_node'
 

@@ -1,16 +1,12 @@
 """Intensity refinement: the exposed-pixel mask, the similarities and convergence against a DRR."""
-import sys
-
 from conftest import REPO
+import heldout_family
 import numpy as np
 import pytest
 import torch
 
 from xray_ct_reg import drr, geometry, model, refine, xray_physics
 from xray_ct_reg.register import RegistrationConfig, refine_and_judge
-
-sys.path.insert(0, str(REPO / 'bench'))
-import heldout_family  # noqa: E402
 
 
 def test_exposed_mask_drops_shutters_and_keeps_anatomy():

@@ -1,14 +1,9 @@
 """X-ray physics (spectra, attenuation, material paths) and the held-out appearance family."""
-import sys
-
-from conftest import REPO
+import heldout_family
 import numpy as np
 import pytest
 
 from xray_ct_reg import geometry, xray_physics
-
-sys.path.insert(0, str(REPO / 'bench'))
-import heldout_family  # noqa: E402
 
 
 def test_tube_spectrum_is_a_hardened_distribution_below_kvp():
