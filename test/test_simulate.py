@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from xray_ct_reg import ct, dataset, example_data, geometry, simulate
+from xray_ct_reg import ct, dataset, drr, example_data, geometry, simulate
 from xray_ct_reg import train as training
 from xray_ct_reg.drr import DRRProjector
 from xray_ct_reg.xray_physics import MaterialProjector
@@ -121,6 +121,20 @@ def test_rendering_by_slices_matches_ray_marching(simulator):
     assert sliced.shape == marched.shape == (2, 40, 40)
     for channel in range(2):
         assert np.corrcoef(sliced[channel].ravel(), marched[channel].ravel())[0, 1] > 0.999
+
+
+def test_scatter_lowers_contrast_behind_dense_anatomy_and_none_is_the_line_integral():
+    """``drr.with_scatter``: a smooth fraction of the primary added before the log."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    line_integral = np.where((xx - 20) ** 2 + (yy - 32) ** 2 < 64, 6.0, 2.0)  # a dense disc
+    assert drr.with_scatter(line_integral, 0.0, 5.0) is line_integral
+    scattered = drr.with_scatter(line_integral, 0.5, 5.0)
+    assert np.all(scattered < line_integral)  # more photons reach every pixel
+    # far from the disc the scatter is the primary's own blur: log(1 + k) less everywhere
+    np.testing.assert_allclose(scattered[:, 50:], 2.0 - np.log(1.5), atol=1e-6)
+    # behind the disc the scatter from around it dominates: its contrast drops
+    contrast = scattered[32, 20] - scattered[32, 60]
+    assert 0.5 < contrast < 0.6 * (6.0 - 2.0)
 
 
 def test_crop_equals_simulation_with_cropped_intrinsics(simulator):

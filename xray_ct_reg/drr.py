@@ -14,6 +14,10 @@ and summed times the step.
 ``render_by_slices`` is the intensity refinement's renderer: not differentiable, 8-16x faster on
 a CPU. It samples every ray where it crosses the volume's slices (or slabs of ``slab_slices``
 summed slices) across the axis nearest the central ray, one OpenCV perspective warp per slab.
+
+``with_scatter`` turns a rendered line integral into the log image a detector that also records
+scattered radiation would give: a real X-ray's contrast is lower behind dense anatomy, by a
+smooth amount that moves with the anatomy.
 """
 import cv2
 import numpy as np
@@ -41,6 +45,20 @@ def hu_to_mu(hu):
     hu = np.asarray(hu, dtype=np.float32)
     scaled = np.maximum(hu + 1000.0, 0.0) + BONE_GAIN * np.maximum(hu - BONE_ONSET_HU, 0.0)
     return scaled / 1000.0 * MU_WATER_PER_MM
+
+
+def with_scatter(line_integral, scatter_to_primary, kernel_px):
+    """-log(P + k G(P)) of a DRR, P = exp(-line_integral): the primary plus its scatter.
+
+    ``line_integral``: (H, W) array (``render_by_slices``); ``scatter_to_primary`` (k): the
+    scatter's mean over the primary's (0: the line integral is returned as it is);
+    ``kernel_px``: the scatter's spread, a Gaussian's sigma in pixels (G).
+    """
+    if scatter_to_primary == 0:
+        return line_integral
+    primary = np.exp(-line_integral)
+    scatter = cv2.GaussianBlur(primary, (0, 0), kernel_px, borderType=cv2.BORDER_REPLICATE)
+    return -np.log(primary + scatter_to_primary * scatter)
 
 
 def resample_to_voxels(image, voxel_mm, default=0.0):

@@ -28,6 +28,10 @@ Only exposed pixels count (``exposed_mask``): collimator shutters and detector s
 flat regions at an end of the grey range that carry no anatomy. The coarse level's blur is taken
 over exposed pixels only, so a shutter edge does not bleed in.
 
+The DRR compared is the line integral plus a model of scatter (``drr.with_scatter``,
+``SCATTER_TO_PRIMARY``): scatter lowers an X-ray's contrast behind dense anatomy smoothly, and
+without it the similarity's optimum sits deeper than the truth on scattered views.
+
 Polarity: the DRR is a line integral (bright bone). X-rays come in either polarity, so both
 signs take a few iterations at the coarsest level and the better one goes on. After the levels a
 line search along the beam through the centre (the weak direction of one view) and a polish;
@@ -302,6 +306,16 @@ LEVEL_BLUR_PX = (1.5, 0.7, 0.0)
 # coarse level's job is the basin, not the optimum: given these steps it walked to poses over
 # 100 mm off on held-out views, two of them accepted (docs/REFINEMENT_EXPERIMENTS.md).
 LEVEL_FOLLOW_RIDGES = (False, True, True)
+# The scatter the DRR models (``drr.with_scatter``): its mean over the primary's, and its spread
+# (Gaussian sigma, mm on the detector). A real X-ray's scatter lowers the contrast behind dense
+# anatomy and adds smooth gradients that normalised gradient fields count like anatomy where
+# the bones' own are weak; a DRR without it put the optimum deeper than the truth on the
+# held-out appearance family (scatter-to-primary 0.3-1.2, spread 15-40 mm): started at the
+# truth, median +0.9 to +1.8 mm per collimator kind, against +0.2 to +0.6 mm modelling 0.7 at
+# 25 mm. 0.35 keeps the project's own views, which have no scatter, at a median 0.5 mm where
+# 0.7 took them to 0.6 mm (docs/REFINEMENT_EXPERIMENTS.md, eleventh session).
+SCATTER_TO_PRIMARY = 0.35
+SCATTER_KERNEL_MM = 25.0
 
 
 def similarity(name, a, b, mask=None):
@@ -359,6 +373,7 @@ class _Level:
     target_features: list = None
     xray: torch.Tensor | None = None            # the X-ray at this level (before any blur)
     feature_weight: torch.Tensor | None = None  # per-pixel feature amplitudes (None: 1)
+    scatter_to_primary: float = SCATTER_TO_PRIMARY  # the scatter its DRRs model
 
     def __post_init__(self):
         self._weight = self.exposed.double()
@@ -386,7 +401,7 @@ class _Level:
 
 
 def _make_level(projector, image, mask, intrinsics, size, measure, blur_px,
-                follow_ridges=False):
+                follow_ridges=False, scatter_to_primary=SCATTER_TO_PRIMARY):
     """The X-ray at a level whose longer side is ``size`` px, as a :class:`_Level`.
 
     A level pixel counts as exposed only when every input pixel under it is.
@@ -395,7 +410,8 @@ def _make_level(projector, image, mask, intrinsics, size, measure, blur_px,
     small, small_intrinsics = model.resize_for_network(image, intrinsics, level_size)
     small_mask, _ = model.resize_for_network(mask.astype(np.float32), intrinsics, level_size)
     level = _Level(projector, small_intrinsics, torch.from_numpy(small_mask > 0.999), blur_px,
-                   follow_ridges, xray=torch.from_numpy(small.astype(np.float64)))
+                   follow_ridges, xray=torch.from_numpy(small.astype(np.float64)),
+                   scatter_to_primary=scatter_to_primary)
     level.target_features = level.features(level.xray, measure)
     return level
 
@@ -418,8 +434,12 @@ class _Objective:
         if self.renders is not None and key in self.renders:
             return self.renders[key]
         self.clock.tick()
-        rendered = torch.from_numpy(self.level.projector.render_by_slices(
-            _perturbed_pose(self.pose, delta, self.centre).numpy(), self.level.intrinsics)).double()
+        level = self.level
+        line_integral = level.projector.render_by_slices(
+            _perturbed_pose(self.pose, delta, self.centre).numpy(), level.intrinsics)
+        rendered = torch.from_numpy(drr.with_scatter(
+            line_integral, level.scatter_to_primary,
+            SCATTER_KERNEL_MM / level.intrinsics.pixel_spacing_mm)).double()
         if self.renders is not None:
             self.renders[key] = rendered
         return rendered
@@ -587,7 +607,8 @@ def _beam_frame(centre_imager):
 
 def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
                 levels=LEVEL_SIZES_PX, iterations=LEVEL_ITERATIONS, centre_ct=None,
-                similarity='ngf', near_start=False, blur_px=None):
+                similarity='ngf', near_start=False, blur_px=None,
+                scatter_to_primary=SCATTER_TO_PRIMARY):
     """Refine ``pose`` (T_imager_ct) by the similarity of ``image`` and DRRs, coarse to fine.
 
     ``projector`` is a ``drr.DRRProjector`` or one per level (``level_projectors``);
@@ -601,6 +622,7 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     ``ncc_*`` fields of the info hold it). ``near_start`` (tracking from a recent pose): the
     polarity is the similarity's sign at the start and there is neither the second search from
     the start at the finest level nor the depth line search and continuation.
+    ``scatter_to_primary``: the scatter the DRRs model (``drr.with_scatter``; 0: none).
     Returns (pose, ``RefineInfo``).
 
     The schedule is fixed, so the result does not depend on the machine's speed or load. When
@@ -611,14 +633,14 @@ def refine_pose(projector, image, intrinsics, pose, time_budget_s=float('inf'),
     with model.one_torch_thread():
         refined, info, clock = _refine(projector, image, intrinsics, pose, started + time_budget_s,
                                        levels, iterations, centre_ct, similarity, near_start,
-                                       blur_px)
+                                       blur_px, scatter_to_primary)
     info.iterations, info.renders = clock.iterations, clock.renders
     info.time_s = time.perf_counter() - started
     return refined.numpy(), info
 
 
 def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, centre_ct,
-            similarity, near_start, blurs):
+            similarity, near_start, blurs, scatter_to_primary):
     """``refine_pose``'s work: (refined pose tensor, ``RefineInfo``, its ``_Clock``)."""
     clock = _Clock(deadline)
     projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(
@@ -629,7 +651,7 @@ def _refine(projector, image, intrinsics, pose, deadline, levels, iterations, ce
     if blurs is None:
         blurs = _per_level(LEVEL_BLUR_PX, len(levels))
     targets = [_make_level(level_projector, finest_image, mask, finest_input, size, similarity,
-                           blur, follow)
+                           blur, follow, scatter_to_primary)
                for level_projector, size, blur, follow in zip(
                    projectors, levels, blurs, _per_level(LEVEL_FOLLOW_RIDGES, len(levels)),
                    strict=True)]
@@ -775,18 +797,21 @@ def _judge(finest, refined, final, beam_centre, polarity, measure, clock):
 
 
 def depth_profile(projector, image, intrinsics, pose, offsets_mm, centre_ct=None,
-                  similarity='ngf', size=64, expansion_weighted=False):
+                  similarity='ngf', size=64, expansion_weighted=False,
+                  scatter_to_primary=SCATTER_TO_PRIMARY):
     """The finest level's similarity with ``pose`` moved ``offsets_mm`` (mm) along the beam.
 
     ``projector``: the finest level's ``drr.DRRProjector``; ``size``: that level's longer side
     (px); ``centre_ct``: the rotation centre, as in ``refine_pose`` (the beam runs from the
     source through it); ``expansion_weighted``: the features weighted as the gates' depth probes
-    weigh them (``_expansion_weight``). The polarity is the similarity's sign at ``pose``.
+    weigh them (``_expansion_weight``); ``scatter_to_primary``: as in ``refine_pose``. The
+    polarity is the similarity's sign at ``pose``.
     Returns an array of the similarities, one per offset: how sharply, and where, it peaks in
     depth (the gates' depth probe is ``DEPTH_PROBE_MM``; ``bench/depth_bias.py``).
     """
     level_image, level_intrinsics, mask = _finest_input(image, intrinsics, size)
-    level = _make_level(projector, level_image, mask, level_intrinsics, size, similarity, 0.0)
+    level = _make_level(projector, level_image, mask, level_intrinsics, size, similarity, 0.0,
+                        scatter_to_primary=scatter_to_primary)
     pose = torch.as_tensor(np.asarray(pose, dtype=float), dtype=torch.float64)
     centre = torch.as_tensor(_view_centre(pose.numpy(), centre_ct, mask, level_intrinsics))
     if expansion_weighted:
