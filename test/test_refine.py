@@ -346,7 +346,8 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
     """Residuals linear in the perturbation: the probes recover J and its flat direction.
 
     J^T J's weakest eigenvector is the flat direction (depth with a tilt), and the covariance
-    is sigma^2 (J^T J)^-1 (sigma^2 widened for correlated residuals), widest along it.
+    is sigma^2 (J^T J)^-1 (sigma^2 widened for correlated residuals), widest along it, plus
+    the model's depth variance along the beam (probed axis 2).
     """
     rng = np.random.default_rng(0)
     flat = torch.tensor([0.0, 0.0, 0.8, 0.6, 0.0, 0.0], dtype=torch.float64)
@@ -368,10 +369,29 @@ def test_probe_jacobian_and_covariance_of_a_known_cost():
     mm_like = np.array([1.0, 1.0, 1.0] + [refine.RADIUS_MM] * 3)  # undo the radians
     in_axes = covariance * np.outer(mm_like, mm_like)
     noise = refine.CORRELATED_RESIDUALS_FACTOR * (2.0 - 2.0 * 0.9) / (len(jacobian) - 6)
-    np.testing.assert_allclose(in_axes, noise * np.linalg.inv((jacobian.T @ jacobian).numpy()),
-                               rtol=1e-6)
-    widest = np.linalg.eigh(in_axes)[1][:, -1]
+    along_beam = np.diag([0.0, 0.0, refine.DEPTH_MODEL_SIGMA_MM ** 2, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(
+        in_axes, noise * np.linalg.inv((jacobian.T @ jacobian).numpy()) + along_beam, rtol=1e-6)
+    widest = np.linalg.eigh(in_axes - along_beam)[1][:, -1]  # the curvature's part
     assert abs(float(widest @ flat.numpy())) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_covariance_widens_along_the_beam_for_what_the_drr_does_not_model():
+    """A perfectly sharp optimum still publishes DEPTH_MODEL_SIGMA_MM along the beam, only there.
+
+    The beam runs from the source through the refinement's centre; off the optical axis it is
+    tilted, and the widened direction of the imager-frame covariance follows it.
+    """
+    centre = torch.tensor([60.0, -40.0, 640.0], dtype=torch.float64)
+    frame = refine._beam_frame(centre)
+    basis = torch.block_diag(frame, torch.eye(3, dtype=torch.float64))
+    sharp = torch.eye(6, dtype=torch.float64).repeat(200, 1) * 1e3  # curvature ~ 2e8
+    covariance = refine._covariance(sharp, 0.9, basis, np.zeros(3))
+    beam = (centre / centre.norm()).numpy()
+    translation = covariance[:3, :3]
+    np.testing.assert_allclose(translation, refine.DEPTH_MODEL_SIGMA_MM ** 2 * np.outer(beam, beam),
+                               atol=1e-6)
+    assert np.abs(covariance[3:, 3:]).max() < 1e-9
 
 
 def test_covariance_is_of_the_pose_origin_not_of_the_refinement_centre():
