@@ -190,11 +190,11 @@ class Result:
     relative confidence, not as a calibrated error bound. With intensity refinement (tracked or
     not) it is the refinement's, sigma^2 (J^T J)^-1 from the similarity's probes (correlations
     between depth and tilt included), whenever the refinement scored a pose, with sigma^2
-    widened for neighbouring residuals being correlated (``refine.CORRELATED_RESIDUALS_FACTOR``):
-    calibrated in the median on own views (median squared Mahalanobis distance of the true error
-    5.0-5.1 on two seeds, where a calibrated one gives 5.35; 79-80 % within the 95 % bound, so
-    the tails are heavier), still optimistic on the held-out appearance family, whose errors
-    are mostly a bias in depth (median 35). ``inlier_spread``
+    widened for neighbouring residuals being correlated (``refine.CORRELATED_RESIDUALS_FACTOR``),
+    plus ``refine.DEPTH_MODEL_SIGMA_MM`` along the beam for the bias that appearance the DRR
+    does not model puts on depth: on the held-out appearance family 88-99 % of the accepted
+    poses' true errors lie inside the 6-dof 95 % bound, on own views 96 %
+    (docs/REFINEMENT_EXPERIMENTS.md, twelfth session). ``inlier_spread``
     is the gate's measure of how the inlier pixels cover the image; ``num_candidates`` the
     number of correspondences handed to RANSAC (``inlier_ratio`` is relative to it). With
     intensity refinement, ``scr_pose`` is the PnP start and ``refinement`` the
