@@ -257,6 +257,20 @@ def test_printed_result_shows_what_the_intensity_gates_judged():
         Result(pose=None, accepted=False, reason='x')))
 
 
+def test_printed_result_gives_the_covariance_as_one_sigma_and_says_whose():
+    covariance = np.diag([0.25, 0.16, 2.56, 1e-6, 4e-6, 1e-6])  # mm^2, rad^2
+    info = RefineInfo(exposed_fraction=0.5, ncc_after=0.9, covariance=covariance)
+    refined = format_result(Result(pose=np.eye(4), accepted=True, covariance=covariance,
+                                   refinement=info))
+    assert ('1-sigma uncertainty (refinement): imager x y z 0.50 0.40 1.60 mm (z along the '
+            'beam), rotation up to 0.11 deg') in refined
+    scr_only = format_result(Result(pose=np.eye(4), accepted=True, covariance=covariance))
+    assert any(line.startswith('1-sigma uncertainty (correspondences, optimistic)')
+               for line in scr_only)
+    assert not any(line.startswith('1-sigma') for line in format_result(
+        Result(pose=None, accepted=False, reason='x', covariance=covariance)))
+
+
 # ----------------------------------------------------------------------------- full pipeline
 @pytest.fixture(scope='module')
 def patient():

@@ -577,6 +577,14 @@ def format_result(result):
                   f"{'bright' if info.polarity >= 0 else 'dark'}-bone polarity")
         lines.append(f'intensity refinement: {scores}, exposed {info.exposed_fraction:.2f} of '
                      'the image')
+    if result.pose is not None and result.covariance is not None:
+        sigma = np.sqrt(np.clip(np.diag(result.covariance), 0.0, None))
+        source = ('refinement' if info is not None and info.covariance is not None else
+                  'correspondences, optimistic')
+        turn_deg = np.degrees(sigma[3:].max())
+        lines.append(f'1-sigma uncertainty ({source}): imager x y z '
+                     + ' '.join(f'{v:.2f}' for v in sigma[:3])
+                     + f' mm (z along the beam), rotation up to {turn_deg:.2f} deg')
     lines.append('timings (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in result.timings_ms.items()))
     return lines
 
