@@ -262,8 +262,8 @@ def test_printed_result_gives_the_covariance_as_one_sigma_and_says_whose():
     info = RefineInfo(exposed_fraction=0.5, ncc_after=0.9, covariance=covariance)
     refined = format_result(Result(pose=np.eye(4), accepted=True, covariance=covariance,
                                    refinement=info))
-    assert ('1-sigma uncertainty (refinement): imager x y z 0.50 0.40 1.60 mm (z along the '
-            'beam), rotation up to 0.11 deg') in refined
+    assert ('1-sigma uncertainty (refinement): imager x y z 0.50 0.40 1.60 mm (z: the optical '
+            'axis), rotation up to 0.11 deg') in refined
     scr_only = format_result(Result(pose=np.eye(4), accepted=True, covariance=covariance))
     assert any(line.startswith('1-sigma uncertainty (correspondences, optimistic)')
                for line in scr_only)

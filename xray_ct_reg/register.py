@@ -584,7 +584,7 @@ def format_result(result):
         turn_deg = np.degrees(sigma[3:].max())
         lines.append(f'1-sigma uncertainty ({source}): imager x y z '
                      + ' '.join(f'{v:.2f}' for v in sigma[:3])
-                     + f' mm (z along the beam), rotation up to {turn_deg:.2f} deg')
+                     + f' mm (z: the optical axis), rotation up to {turn_deg:.2f} deg')
     lines.append('timings (ms): ' + ', '.join(f'{k} {v:.1f}' for k, v in result.timings_ms.items()))
     return lines
 
