@@ -148,7 +148,7 @@ CORRELATED_RESIDUALS_FACTOR = 5.3
 # one view. The published covariance adds this standard deviation (mm) along the beam. Measured
 # over the accepted poses of the scratch harness's held-out samples C-H, the share of true
 # errors inside the 6-dof 95 % bound was 69-90 % without it, 88-96 % with 1.5 mm and 89-97 %
-# with 2 mm; checked on A, B and three fresh samples (84-90 % -> 92-99 %) and on own views
+# with 2 mm; checked on A, B and three fresh samples (80-90 % -> 92-99 %) and on own views
 # (90 -> 96 %). docs/REFINEMENT_EXPERIMENTS.md, twelfth session.
 DEPTH_MODEL_SIGMA_MM = 1.5
 # exposed_mask: window (px), largest local std of a flat region and how close to either end of
